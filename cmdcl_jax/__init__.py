@@ -1,0 +1,1 @@
+"""CMDCL: Cross-Modal Dual-Causal Learning for long-term action recognition, in JAX."""
