@@ -1,0 +1,133 @@
+"""The two causal interventions of CMDCL (paper Sec. 3.2; ``shared/design/MODEL.md``).
+
+Notation: B batch, L frames, C classes, D joint embedding width.
+
+* TCI (back-door adjustment, Eqs. 2-3): bias-aware scores ``S = softmax_l(<V_P, T> / tau_t)``
+  [B, C, L], bias surrogate ``Bias = S @ V_P`` [B, C, D], debiased text
+  ``T' = h(T, Bias)`` [B, C, D].
+* VCI (front-door adjustment, Eqs. 4-8): STA over the video encoder's frame tokens gives
+  ``VH`` [B, L, D]; per-channel scores ``SF = softmax_l(VH * T' / tau_v)`` [B, C, L, D];
+  ``Vhat = sum_l SF * VH`` [B, C, D]; deconfounded video ``V' = g(T', Vhat)`` [B, C, D].
+
+``SF`` is never materialised whole in the forward pass used for training:
+:func:`fine_grained_pool` computes it a chunk of classes at a time under
+``jax.checkpoint``, so peak memory is ``B * chunk * L * D`` instead of ``B * C * L * D``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cmdcl_jax.models.layers import Mlp, PreNormBlock, layer_norm
+
+Array = jax.Array
+
+
+class Approximator(nnx.Module):
+    """``h`` (TCI) and ``g`` (VCI): ``LayerNorm(anchor + MLP([anchor; evidence]))``.
+
+    Our reading of the NWGM approximators: an MLP ``2D -> D -> D`` with GELU on the
+    concatenation, added to the anchor (``T[c]`` for ``h``, ``T'[b, c]`` for ``g``).
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = Mlp(2 * dim, dim, act="gelu", out_dim=dim, **kw)
+        self.norm = layer_norm(dim, eps=eps, **kw)
+
+    def __call__(self, anchor: Array, evidence: Array) -> Array:
+        """anchor, evidence [..., D] -> [..., D]."""
+        both = jnp.concatenate([anchor, evidence], axis=-1)  # [..., 2D]
+        return self.norm(anchor + self.mlp(both))
+
+
+def bias_aware_scores(frames: Array, text: Array, tau: Array | float) -> Array:
+    """``S[b, c, l] = softmax_l(<frames[b, l], text[c]> / tau)``.
+
+    Args:
+      frames: V_P [B, L, D]; text: T [C, D].
+
+    Returns:
+      S [B, C, L] in float32, summing to 1 over L.
+    """
+    logits = jnp.einsum("bld,cd->bcl", frames, text).astype(jnp.float32) / tau  # [B, C, L]
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def fine_grained_scores(vh: Array, text: Array, tau: Array | float) -> Array:
+    """``SF[b, c, l, d] = softmax_l(vh[b, l, d] * text[b, c, d] / tau)``, materialised.
+
+    Args:
+      vh: [B, L, D]; text: T' [B, C, D].
+
+    Returns:
+      SF [B, C, L, D] in float32. For analysis on small inputs only; training uses
+      :func:`fine_grained_pool`.
+    """
+    logits = vh[:, None, :, :].astype(jnp.float32) * text[:, :, None, :] / tau  # [B, C, L, D]
+    return jax.nn.softmax(logits, axis=2)
+
+
+def fine_grained_pool(vh: Array, text: Array, tau: Array | float, *, chunk: int) -> Array:
+    """``Vhat[b, c, d] = sum_l SF[b, c, l, d] * vh[b, l, d]``, ``chunk`` classes at a time.
+
+    Each chunk runs under ``jax.checkpoint`` inside ``lax.map``, so neither the forward
+    nor the backward pass holds more than ``B * chunk * L * D`` scores at once.
+
+    Args:
+      vh: [B, L, D]; text: T' [B, C, D]; chunk: classes per step (``<= 0``: all at once).
+
+    Returns:
+      Vhat [B, C, D] in vh's dtype.
+    """
+    b, c, d = text.shape
+    vh32 = vh.astype(jnp.float32)
+
+    def pool(t: Array) -> Array:  # t: [B, k, D]
+        sf = fine_grained_scores(vh32, t, tau)  # [B, k, L, D]
+        return jnp.einsum("bkld,bld->bkd", sf, vh32)  # [B, k, D]
+
+    if chunk <= 0 or chunk >= c:
+        return pool(text).astype(vh.dtype)
+    n = -(-c // chunk)
+    padded = jnp.pad(text, ((0, 0), (0, n * chunk - c), (0, 0)))  # [B, n*k, D]
+    chunks = padded.reshape(b, n, chunk, d).transpose(1, 0, 2, 3)  # [n, B, k, D]
+    out = jax.lax.map(jax.checkpoint(pool), chunks)  # [n, B, k, D]
+    return out.transpose(1, 0, 2, 3).reshape(b, n * chunk, d)[:, :c].astype(vh.dtype)
+
+
+class STA(nnx.Module):
+    """Spatio-temporal aggregation over frame tokens: ``H`` pre-LN blocks, then LayerNorm.
+
+    A learnable temporal position embedding of ``num_frames`` rows is added first; at
+    another frame count it is linearly interpolated over time.
+    """
+
+    def __init__(self, dim: int, *, num_layers: int, num_heads: int, num_frames: int,
+                 mlp_ratio: int = 4, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.position = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (num_frames, dim), param_dtype)
+        )
+        self.blocks = nnx.List(
+            [PreNormBlock(dim, num_heads, mlp_ratio * dim, **kw) for _ in range(num_layers)]
+        )
+        self.norm = layer_norm(dim, eps=1e-5, **kw)
+
+    def __call__(self, frames: Array) -> Array:
+        """frames V [B, L, D] -> VH [B, L, D]."""
+        pos = interpolate_time(self.position[...], frames.shape[1])  # [L, D]
+        x = frames + pos.astype(frames.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def interpolate_time(table: Array, length: int) -> Array:
+    """Linearly resizes a per-frame table [T, D] to [length, D] (identity if equal)."""
+    if table.shape[0] == length:
+        return table
+    return jax.image.resize(table, (length, table.shape[1]), method="linear")

@@ -1,0 +1,207 @@
+"""Building blocks shared by the CLIP, TimeSformer, Q-Former and STA stacks.
+
+Every module takes ``dtype`` (compute dtype, e.g. ``jnp.bfloat16``) and ``param_dtype``
+(storage dtype, float32 by default). Parameter names follow the roles of the Hugging Face
+modules they are ported from (``query``/``key``/``value``/``out``, ``fc1``/``fc2``), so
+the weight maps in each model file stay short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """Returns the activation a Hugging Face config names (``hidden_act``)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = True,
+    dtype=None,
+    param_dtype=jnp.float32,
+    std: float = 0.02,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """A linear layer initialised N(0, std^2), bias zero (the BERT/ViT convention)."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(std),
+        rngs=rngs,
+    )
+
+
+def layer_norm(dim: int, *, eps: float, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """LayerNorm with PyTorch's variance (mean of squares about the mean)."""
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with separate query/key/value/out projections.
+
+    Args:
+      dim: width of the queries and of the output.
+      num_heads: number of heads; ``dim`` must divide by it.
+      kv_dim: width of the key/value source (cross-attention); ``dim`` when None.
+      use_bias: biases on the four projections.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        kv_dim: int | None = None,
+        use_bias: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if dim % num_heads:
+            raise ValueError(f"width {dim} does not divide into {num_heads} heads")
+        kv_dim = dim if kv_dim is None else kv_dim
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads = num_heads
+        self.query = dense(dim, dim, **kw)
+        self.key = dense(kv_dim, dim, **kw)
+        self.value = dense(kv_dim, dim, **kw)
+        self.out = dense(dim, dim, **kw)
+
+    def __call__(
+        self,
+        x: Array,
+        context: Array | None = None,
+        *,
+        mask: Array | None = None,
+        is_causal: bool = False,
+    ) -> Array:
+        """Attends ``x`` [..., T, dim] over ``context`` [..., S, kv_dim] (``x`` itself if None).
+
+        ``mask`` broadcasts to [..., heads, T, S]; True keeps a pair.
+        """
+        context = x if context is None else context
+        q = self.query(x)  # [..., T, dim]
+        k = self.key(context)  # [..., S, dim]
+        v = self.value(context)  # [..., S, dim]
+        return self.out(multi_head_attention(q, k, v, self.num_heads, mask=mask, causal=is_causal))
+
+
+def multi_head_attention(
+    q: Array, k: Array, v: Array, num_heads: int, *, mask=None, causal: bool = False
+) -> Array:
+    """Scaled dot-product attention over heads split from the last axis.
+
+    Args:
+      q: [..., T, H*Dh]; k, v: [..., S, H*Dh].
+      mask: optional boolean, broadcastable to [..., H, T, S]; True keeps a pair.
+      causal: apply a lower-triangular mask (T == S).
+
+    Returns:
+      [..., T, H*Dh]. Softmax runs in float32 whatever the compute dtype.
+    """
+    *lead, t, width = q.shape
+    s = k.shape[-2]
+    dh = width // num_heads
+    q = q.reshape(*lead, t, num_heads, dh)  # [..., T, H, Dh]
+    k = k.reshape(*lead, s, num_heads, dh)  # [..., S, H, Dh]
+    v = v.reshape(*lead, s, num_heads, dh)  # [..., S, H, Dh]
+    logits = jnp.einsum("...thd,...shd->...hts", q, k) * (dh**-0.5)  # [..., H, T, S]
+    logits = logits.astype(jnp.float32)
+    if causal:
+        tril = jnp.tril(jnp.ones((t, s), bool))
+        mask = tril if mask is None else mask & tril
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [..., H, T, S]
+    out = jnp.einsum("...hts,...shd->...thd", probs, v)  # [..., T, H, Dh]
+    return out.reshape(*lead, t, width)
+
+
+class Mlp(nnx.Module):
+    """Two-layer feed-forward block ``fc2(act(fc1(x)))``."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        act: str = "gelu",
+        out_dim: int | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.act = activation(act)
+        self.fc1 = dense(dim, hidden, **kw)
+        self.fc2 = dense(hidden, dim if out_dim is None else out_dim, **kw)
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(self.act(self.fc1(x)))  # [..., out_dim]
+
+
+class PreNormBlock(nnx.Module):
+    """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``.
+
+    The block of CLIP's towers and of CMDCL's STA (names follow ``CLIPEncoderLayer``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        *,
+        act: str = "gelu",
+        eps: float = 1e-5,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm1 = layer_norm(dim, eps=eps, **kw)
+        self.self_attn = Attention(dim, num_heads, **kw)
+        self.layer_norm2 = layer_norm(dim, eps=eps, **kw)
+        self.mlp = Mlp(dim, mlp_dim, act=act, **kw)
+
+    def __call__(self, x: Array, *, is_causal: bool = False, mask: Array | None = None) -> Array:
+        """[..., S, dim] -> [..., S, dim]."""
+        x = x + self.self_attn(self.layer_norm1(x), is_causal=is_causal, mask=mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+def normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+    """L2-normalises ``x`` along ``axis`` (in float32)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
