@@ -1,0 +1,115 @@
+"""CLIP port: parity with transformers' CLIPModel, the tiny CLIP round trip, bad checkpoints."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+from cmdcl_jax.models.clip import Clip
+from cmdcl_jax.models.hf_weights import WeightLoadError
+from cmdcl_jax.models.tiny_clip import write_tiny_clip
+
+
+def _torch_clip(hidden_act="quick_gelu", eos_token_id=98) -> CLIPModel:
+    torch.manual_seed(0)
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=4, hidden_act=hidden_act)
+    cfg = CLIPConfig(
+        text_config=dict(**tower, vocab_size=99, max_position_embeddings=16,
+                         eos_token_id=eos_token_id, bos_token_id=1, pad_token_id=0),
+        vision_config=dict(**tower, image_size=32, patch_size=8),
+        projection_dim=24,
+    )
+    model = CLIPModel(cfg).eval()
+    with torch.no_grad():  # random everything, LayerNorm and embeddings included
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("hidden_act,eos_token_id", [("quick_gelu", 98), ("gelu", 2)])
+def test_image_and_text_features_match_transformers(tmp_path, hidden_act, eos_token_id):
+    torch_model = _torch_clip(hidden_act, eos_token_id)
+    torch_model.save_pretrained(tmp_path)
+    model = Clip.from_pretrained(tmp_path)
+
+    pixels = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    # Padded batch: the second row ends on its EOS; pooling must find it, not the padding.
+    ids = np.array([[1, 5, 7, 98, 0, 0], [1, 9, 3, 4, 6, 98]])
+    mask = (np.arange(6) < np.array([[4], [6]])).astype(np.int64)
+    with torch.no_grad():
+        want_image = torch_model.get_image_features(pixel_values=torch.tensor(pixels))
+        want_text = torch_model.get_text_features(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
+        )
+    got_image = model.vision(jnp.asarray(pixels.transpose(0, 2, 3, 1)))
+    got_text = model.text(jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(got_image, want_image.pooler_output.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got_text, want_text.pooler_output.numpy(), atol=1e-4, rtol=0)
+
+
+def test_tiny_clip_round_trips_through_transformers(tmp_path):
+    texts = ["a video of a person {}.", "crack egg", "butter pan"]
+    write_tiny_clip(tmp_path, texts)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    batch = tokenizer(["a video of a person crack egg.", "butter pan"], padding=True,
+                      return_tensors="np")
+    assert not (batch["input_ids"] == tokenizer.unk_token_id).any()  # vocabulary covers them
+
+    ours = Clip.from_pretrained(tmp_path).text(jnp.asarray(batch["input_ids"]),
+                                               jnp.asarray(batch["attention_mask"]))
+    reference = CLIPModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        want = reference.get_text_features(
+            input_ids=torch.tensor(batch["input_ids"]),
+            attention_mask=torch.tensor(batch["attention_mask"]),
+        ).pooler_output.numpy()
+    np.testing.assert_allclose(ours, want, atol=1e-5, rtol=0)
+
+
+def test_missing_weights_file_names_the_directory(tmp_path):
+    _torch_clip().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(WeightLoadError, match="no model.safetensors"):
+        Clip.from_pretrained(tmp_path)
+
+
+def test_another_architecture_is_refused(tmp_path):
+    _torch_clip().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"] = "timesformer"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightLoadError, match=r"config\.json: model_type 'timesformer'"):
+        Clip.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_names_file_and_parameter(tmp_path):
+    _torch_clip().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["projection_dim"] = 16
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightLoadError) as err:
+        Clip.from_pretrained(tmp_path)
+    message = str(err.value)
+    assert "model.safetensors" in message and "projection.kernel" in message
+    assert "(24, 32)" in message and "(32, 16)" in message
+
+
+def test_missing_tensor_is_never_left_random(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _torch_clip().save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["vision_model.encoder.layers.1.mlp.fc2.bias"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(WeightLoadError, match=r"vision\.layers\.1\.mlp\.fc2\.bias"):
+        Clip.from_pretrained(tmp_path)
+
+
+def test_hub_id_on_an_offline_machine_explains_what_to_pass(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightLoadError, match="save_pretrained"):
+        Clip.from_pretrained("no-such-org/no-such-clip")
