@@ -1,0 +1,1 @@
+"""Data: annotation parsers, TFDS frame-shard builders, CausalKitchen and the grain pipeline."""
