@@ -155,7 +155,7 @@ _COIN_SUBSETS = {"training": "train", "testing": "test", "validation": "test"}
 
 
 def _camel_to_words(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name).lower()
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", name).lower()
 
 
 def coin_items(annotation_file: Path) -> tuple[list[VideoItem], list[str], list[str]]:

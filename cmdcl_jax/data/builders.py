@@ -68,7 +68,9 @@ def frames_feature(num_frames: int, encoding: str) -> tfds.features.FeatureConne
     return tfds.features.Tensor(
         shape=(num_frames, None, None, 3),
         dtype=np.uint8,
-        encoding=tfds.features.Encoding.ZLIB if encoding == "zlib" else tfds.features.Encoding.NONE,
+        encoding=tfds.features.Encoding.ZLIB
+        if encoding == "zlib"
+        else tfds.features.Encoding.BYTES,
     )
 
 
@@ -178,9 +180,14 @@ class _RealVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         for item in items:
             path = ann.find_video(index, item.video, self.MIN_PATH_PARTS)
             if path is None:
-                self._skip(item, "missing video")
+                self._skip(item.split, item.key, item.video, "missing video")
             else:
                 by_split.setdefault(item.split, []).append((item, path))
+        used = {path for pairs in by_split.values() for _, path in pairs}
+        for path in sorted({p for p in index.values() if p is not None} - used):
+            if not self._ignored(path):
+                rel = path.relative_to(manual_dir).as_posix()
+                self._skip("-", path.stem, rel, "no label")
         if self.resume:
             # Decoded videos wait here until the build completes.
             name = f"{self.name}_{self.builder_config.name}"
@@ -188,11 +195,14 @@ class _RealVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         return {split: self._generate_examples(pairs) for split, pairs in sorted(by_split.items())}
 
-    def _skip(self, item: ann.VideoItem, reason: str) -> None:
-        logging.warning("skipping %s (%s): %s", item.key, item.video, reason)
-        self.skipped.append(
-            {"split": item.split, "id": item.key, "video": item.video, "reason": reason}
-        )
+    def _ignored(self, path: Path) -> bool:
+        """Whether an unlabelled video file is expected (and so not reported)."""
+        del path
+        return False
+
+    def _skip(self, split: str, key: str, video_path: str, reason: str) -> None:
+        logging.warning("skipping %s (%s): %s", key, video_path, reason)
+        self.skipped.append({"split": split, "id": key, "video": video_path, "reason": reason})
 
     def _generate_examples(self, pairs: list[tuple[ann.VideoItem, Path]]) -> Iterator:
         cfg = self.builder_config
@@ -208,7 +218,7 @@ class _RealVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                 zip(pairs, results, strict=True), total=len(jobs), desc=desc
             ):
                 if error is not None:
-                    self._skip(item, f"decode failed: {error}")
+                    self._skip(item.split, item.key, item.video, f"decode failed: {error}")
                     continue
                 example = {"id": item.key, "frames": value}
                 for task, (kind, num_classes) in TASKS[self.DATASET].items():
@@ -244,6 +254,9 @@ class Breakfast(_RealVideoBuilder):
         "Manual dir: the participant folders (P03/cam01/P03_cereals.avi, ...) and "
         "segmentation_coarse/<activity>/*.txt, anywhere below it."
     )
+
+    def _ignored(self, path: Path) -> bool:
+        return path.stem.endswith("_ch1")  # The second stereo channel; only ch0 counts.
 
     def _read_annotations(self, manual_dir):
         items = ann.breakfast_items(manual_dir, test_participants=range(47, 55))

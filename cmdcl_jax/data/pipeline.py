@@ -1,0 +1,211 @@
+"""Grain input pipelines over the frame shards written by `cmdcl_jax.data.builders`.
+
+Both loaders return a checkpointable grain `DatasetIterator` (`get_state()` /
+`set_state()`) of batches
+
+* `video`: uint8 [B_local, L, S, S, 3] ([B_local, V, L, S, S, 3] with V > 1 test views);
+  normalisation happens on the device;
+* `label`: int32 [B_local] for single-label tasks, float32 multi-hot [B_local, C] else;
+* `index`: int32 [B_local], the example's position in its split;
+* `mask`: bool [B_local], False for entries that only pad the last batch.
+
+`batch_size` is global: each of the `process_count` processes gets B_local =
+batch_size / process_count examples of its own shard (strided over the split).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cmdcl_jax.data import builders
+from cmdcl_jax.data.transforms import EvalTransform, LabelledFrames, TrainTransform
+
+
+def task_type(dataset: str, task: str) -> str:
+    """ "single" (softmax, accuracy) or "multi" (sigmoid, mAP) for a dataset's task."""
+    try:
+        return builders.TASKS[dataset][task][0]
+    except KeyError:
+        tasks = {d: list(t) for d, t in builders.TASKS.items()}
+        raise KeyError(f"unknown dataset/task {dataset!r}/{task!r}; known: {tasks}") from None
+
+
+def dataset_dir(dataset: str, data_dir: str, config: str | None = None) -> Path:
+    """`<data_dir>/<dataset>/<config>/<newest version>`; `config` may be left out if one."""
+    root = Path(data_dir) / dataset
+    if config is None:
+        configs = sorted(p.name for p in root.glob("[!.]*") if p.is_dir())
+        if len(configs) != 1:
+            raise FileNotFoundError(f"{root}: pass config=, one of {configs}")
+        config = configs[0]
+    versions = sorted(
+        (p for p in (root / config).glob("*.*.*") if (p / "dataset_info.json").exists()),
+        key=lambda p: tuple(int(x) for x in p.name.split(".")),
+    )
+    if not versions:
+        raise FileNotFoundError(f"{root / config}: no prepared version (run cmdcl_jax.prepare)")
+    return versions[-1]
+
+
+def load_builder(dataset: str, data_dir: str, config: str | None = None):
+    """The read-only TFDS builder of a prepared dataset."""
+    return tfds.builder_from_directory(dataset_dir(dataset, data_dir, config))
+
+
+def class_names(dataset: str, task: str, data_dir: str, config: str | None = None) -> list[str]:
+    """Readable class names of a task, in label order, from the dataset's metadata."""
+    task_type(dataset, task)
+    return list(load_builder(dataset, data_dir, config).info.metadata["tasks"][task]["names"])
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} not in [0, {count})")
+    return index, count
+
+
+def _local_batch(batch_size: int, process_count: int) -> int:
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} not divisible by {process_count} processes")
+    return batch_size // process_count
+
+
+def _finish(ds: grain.MapDataset, num_workers: int, prefetch: int) -> grain.DatasetIterator:
+    """Batches (already formed) -> threads and worker processes -> an iterator."""
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
+    if num_workers > 0:
+        options = grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=prefetch
+        )
+        it = it.mp_prefetch(options)
+    return iter(it)
+
+
+def make_train_loader(
+    dataset: str,
+    data_dir: str,
+    *,
+    task: str,
+    batch_size: int,
+    num_frames: int,
+    crop_size: int,
+    config: str | None = None,
+    split: str = "train",
+    seed: int = 0,
+    num_epochs: int | None = None,
+    scale: tuple[float, float] = (0.25, 1.0),
+    flip: bool = True,
+    num_workers: int = 2,
+    prefetch: int = 2,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+    """Shuffled, augmented training batches, reshuffled every epoch.
+
+    Args:
+        dataset: "breakfast", "coin", "charades" or "causal_kitchen".
+        data_dir: the TFDS data dir the dataset was prepared into.
+        task: the task whose label goes in `label` (see `builders.TASKS`).
+        batch_size: global batch size, divisible by the process count.
+        num_frames: L, frames sampled per clip (one per segment, random in the segment).
+        crop_size: S, the side of the random resized crop.
+        config: the builder config name, if the dataset has several.
+        split: split to read.
+        seed: seeds the shuffle and the augmentation; the same seed gives the same batches.
+        num_epochs: None repeats forever; processes whose shards differ in size by one
+            may then yield one batch more or less per epoch.
+        scale: range of the crop's share of the frame area.
+        flip: random horizontal flip.
+        num_workers: grain worker processes (0: in this process).
+        prefetch: batches buffered per worker.
+        process_index: this process; defaults to `jax.process_index()`.
+        process_count: defaults to `jax.process_count()`.
+    """
+    index, count = _process(process_index, process_count)
+    source = load_builder(dataset, data_dir, config).as_data_source(split)
+    local = np.arange(index, len(source), count)
+    ds = grain.MapDataset.source(
+        LabelledFrames(
+            source, local, np.ones(len(local), bool), task, task_type(dataset, task) == "multi"
+        )
+    )
+    augment_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    ds = (
+        ds.shuffle(seed=seed)
+        .repeat(num_epochs)
+        .random_map(
+            TrainTransform(num_frames, crop_size, scale=scale, flip=flip), seed=augment_seed
+        )
+        .batch(_local_batch(batch_size, count), drop_remainder=True)
+    )
+    return _finish(ds, num_workers, prefetch)
+
+
+def eval_indices(
+    num_examples: int, process_index: int, process_count: int, local_batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """This process's examples for evaluation, padded so every process has as many batches.
+
+    Process p takes examples p, p + P, ...; every process pads to
+    ceil(ceil(N / P) / B_local) * B_local entries with copies of its first example.
+
+    Returns:
+        (int [n] example indices, bool [n] mask of the real entries).
+    """
+    own = np.arange(process_index, num_examples, process_count)
+    padded = math.ceil(math.ceil(num_examples / process_count) / local_batch) * local_batch
+    indices = np.full(padded, own[0] if len(own) else 0, np.int64)
+    indices[: len(own)] = own
+    return indices, np.arange(padded) < len(own)
+
+
+def make_eval_loader(
+    dataset: str,
+    data_dir: str,
+    *,
+    task: str,
+    batch_size: int,
+    num_frames: int,
+    crop_size: int,
+    config: str | None = None,
+    split: str = "test",
+    resize_to: int | None = None,
+    num_clips: int = 1,
+    num_crops: int = 1,
+    num_workers: int = 2,
+    prefetch: int = 2,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+    """One deterministic pass over a split; every example is in exactly one process's batches.
+
+    Args:
+        dataset, data_dir, task, batch_size, num_frames, crop_size, config, num_workers,
+        prefetch, process_index, process_count: as for `make_train_loader`.
+        split: split to read ("test", or "test_iid" / "test_shifted" for CausalKitchen).
+        resize_to: short side before the centre crop; default crop_size * 8 / 7 (256 for 224).
+        num_clips: temporal views (offsets within each segment).
+        num_crops: spatial views along the long side.
+    """
+    index, count = _process(process_index, process_count)
+    source = load_builder(dataset, data_dir, config).as_data_source(split)
+    indices, mask = eval_indices(len(source), index, count, _local_batch(batch_size, count))
+    multi = task_type(dataset, task) == "multi"
+    transform = EvalTransform(
+        num_frames,
+        crop_size,
+        resize_to or round(crop_size * 8 / 7),
+        num_clips=num_clips,
+        num_crops=num_crops,
+    )
+    ds = grain.MapDataset.source(LabelledFrames(source, indices, mask, task, multi))
+    ds = ds.map(transform).batch(_local_batch(batch_size, count))
+    return _finish(ds, num_workers, prefetch)
