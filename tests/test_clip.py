@@ -15,11 +15,22 @@ from cmdcl_jax.models.tiny_clip import write_tiny_clip
 
 def _torch_clip(hidden_act="quick_gelu", eos_token_id=98) -> CLIPModel:
     torch.manual_seed(0)
-    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                 num_attention_heads=4, hidden_act=hidden_act)
+    tower = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_act=hidden_act,
+    )
     cfg = CLIPConfig(
-        text_config=dict(**tower, vocab_size=99, max_position_embeddings=16,
-                         eos_token_id=eos_token_id, bos_token_id=1, pad_token_id=0),
+        text_config=dict(
+            **tower,
+            vocab_size=99,
+            max_position_embeddings=16,
+            eos_token_id=eos_token_id,
+            bos_token_id=1,
+            pad_token_id=0,
+        ),
         vision_config=dict(**tower, image_size=32, patch_size=8),
         projection_dim=24,
     )
@@ -55,12 +66,14 @@ def test_tiny_clip_round_trips_through_transformers(tmp_path):
     texts = ["a video of a person {}.", "crack egg", "butter pan"]
     write_tiny_clip(tmp_path, texts)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
-    batch = tokenizer(["a video of a person crack egg.", "butter pan"], padding=True,
-                      return_tensors="np")
+    batch = tokenizer(
+        ["a video of a person crack egg.", "butter pan"], padding=True, return_tensors="np"
+    )
     assert not (batch["input_ids"] == tokenizer.unk_token_id).any()  # vocabulary covers them
 
-    ours = Clip.from_pretrained(tmp_path).text(jnp.asarray(batch["input_ids"]),
-                                               jnp.asarray(batch["attention_mask"]))
+    ours = Clip.from_pretrained(tmp_path).text(
+        jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    )
     reference = CLIPModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         want = reference.get_text_features(

@@ -77,8 +77,10 @@ def _compiled_temp_bytes(chunk: int, b: int, c: int, l: int, d: int) -> int:
         return jnp.sum(fine_grained_pool(vh, t, 0.07, chunk=chunk))
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    args = (jax.ShapeDtypeStruct((b, l, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, c, d), jnp.float32))
+    args = (
+        jax.ShapeDtypeStruct((b, l, d), jnp.float32),
+        jax.ShapeDtypeStruct((b, c, d), jnp.float32),
+    )
     return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
@@ -88,9 +90,11 @@ def test_fine_grained_step_at_coin_scale_does_not_materialise_bclD():
     sf_bytes = b * c * l * d * 4
     whole = _compiled_temp_bytes(0, b, c, l, d)
     chunked = _compiled_temp_bytes(64, b, c, l, d)
-    print(f"\nfine-grained value+grad, B={b} C={c} L={l} D={d}: compiled temp "
-          f"{chunked / 2**20:.0f} MiB in chunks of 64 classes, {whole / 2**20:.0f} MiB at once; "
-          f"one SF is {sf_bytes / 2**20:.0f} MiB")
+    print(
+        f"\nfine-grained value+grad, B={b} C={c} L={l} D={d}: compiled temp "
+        f"{chunked / 2**20:.0f} MiB in chunks of 64 classes, {whole / 2**20:.0f} MiB at once; "
+        f"one SF is {sf_bytes / 2**20:.0f} MiB"
+    )
     assert whole >= sf_bytes  # the unchunked step does hold SF (the check can fail)
     assert chunked < sf_bytes / 2
     assert chunked < whole / 8

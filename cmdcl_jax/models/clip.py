@@ -74,8 +74,13 @@ class ClipConfig:
     def to_hf(self) -> dict:
         text = dataclasses.asdict(self.text)
         vision = dataclasses.asdict(self.vision)
-        for key in ("vocab_size", "max_position_embeddings", "eos_token_id", "bos_token_id",
-                    "pad_token_id"):
+        for key in (
+            "vocab_size",
+            "max_position_embeddings",
+            "eos_token_id",
+            "bos_token_id",
+            "pad_token_id",
+        ):
             vision.pop(key)
         for key in ("image_size", "patch_size", "num_channels"):
             text.pop(key)
@@ -163,9 +168,7 @@ class ClipText(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         init = nnx.initializers.normal(0.02)
         self.eos_token_id = t.eos_token_id
-        self.token_embedding = nnx.Embed(
-            t.vocab_size, t.hidden_size, embedding_init=init, **kw
-        )
+        self.token_embedding = nnx.Embed(t.vocab_size, t.hidden_size, embedding_init=init, **kw)
         self.position_embedding = nnx.Param(
             init(rngs.params(), (t.max_position_embeddings, t.hidden_size), param_dtype)
         )
@@ -199,47 +202,50 @@ def _tower_rules(hf: str, ours: str) -> list[hf_weights.Rule]:
     layer = rf"{hf}\.encoder\.layers\.(\d+)"
     mine = rf"{ours}.layers.\1"
     rules = []
-    for hf_name, our_name in [("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"),
-                              ("out_proj", "out")]:
-        rules += [
-            (rf"{layer}\.self_attn\.{hf_name}\.weight", rf"{mine}.self_attn.{our_name}.kernel",
-             hf_weights.linear),
-            (rf"{layer}\.self_attn\.{hf_name}\.bias", rf"{mine}.self_attn.{our_name}.bias",
-             hf_weights.identity),
-        ]
+    for hf_name, our_name in [
+        ("q_proj", "query"),
+        ("k_proj", "key"),
+        ("v_proj", "value"),
+        ("out_proj", "out"),
+    ]:
+        rules += hf_weights.dense_rules(
+            rf"{layer}\.self_attn\.{hf_name}", f"{mine}.self_attn.{our_name}"
+        )
     for fc in ("fc1", "fc2"):
-        rules += [
-            (rf"{layer}\.mlp\.{fc}\.weight", rf"{mine}.mlp.{fc}.kernel", hf_weights.linear),
-            (rf"{layer}\.mlp\.{fc}\.bias", rf"{mine}.mlp.{fc}.bias", hf_weights.identity),
-        ]
+        rules += hf_weights.dense_rules(rf"{layer}\.mlp\.{fc}", f"{mine}.mlp.{fc}")
     for ln in ("layer_norm1", "layer_norm2"):
-        rules += _norm_rules(rf"{layer}\.{ln}", rf"{mine}.{ln}")
+        rules += hf_weights.norm_rules(rf"{layer}\.{ln}", f"{mine}.{ln}")
     return rules
 
 
-def _norm_rules(hf: str, ours: str) -> list[hf_weights.Rule]:
-    return [
-        (rf"{hf}\.weight", f"{ours}.scale", hf_weights.identity),
-        (rf"{hf}\.bias", f"{ours}.bias", hf_weights.identity),
-    ]
-
-
 RULES: list[hf_weights.Rule] = [
-    (r"vision_model\.embeddings\.patch_embedding\.weight", "vision.patch_embedding.kernel",
-     hf_weights.conv2d),
+    (
+        r"vision_model\.embeddings\.patch_embedding\.weight",
+        "vision.patch_embedding.kernel",
+        hf_weights.conv2d,
+    ),
     (r"vision_model\.embeddings\.class_embedding", "vision.class_embedding", hf_weights.identity),
-    (r"vision_model\.embeddings\.position_embedding\.weight", "vision.position_embedding",
-     hf_weights.identity),
-    *_norm_rules(r"vision_model\.pre_layrnorm", "vision.pre_layrnorm"),
+    (
+        r"vision_model\.embeddings\.position_embedding\.weight",
+        "vision.position_embedding",
+        hf_weights.identity,
+    ),
+    *hf_weights.norm_rules(r"vision_model\.pre_layrnorm", "vision.pre_layrnorm"),
     *_tower_rules("vision_model", "vision"),
-    *_norm_rules(r"vision_model\.post_layernorm", "vision.post_layernorm"),
+    *hf_weights.norm_rules(r"vision_model\.post_layernorm", "vision.post_layernorm"),
     (r"visual_projection\.weight", "vision.projection.kernel", hf_weights.linear),
-    (r"text_model\.embeddings\.token_embedding\.weight", "text.token_embedding.embedding",
-     hf_weights.identity),
-    (r"text_model\.embeddings\.position_embedding\.weight", "text.position_embedding",
-     hf_weights.identity),
+    (
+        r"text_model\.embeddings\.token_embedding\.weight",
+        "text.token_embedding.embedding",
+        hf_weights.identity,
+    ),
+    (
+        r"text_model\.embeddings\.position_embedding\.weight",
+        "text.position_embedding",
+        hf_weights.identity,
+    ),
     *_tower_rules("text_model", "text"),
-    *_norm_rules(r"text_model\.final_layer_norm", "text.final_layer_norm"),
+    *hf_weights.norm_rules(r"text_model\.final_layer_norm", "text.final_layer_norm"),
     (r"text_projection\.weight", "text.projection.kernel", hf_weights.linear),
 ]
 
@@ -260,12 +266,12 @@ class Clip(nnx.Module):
         pre_file = directory / "preprocessor_config.json"
         pre = json.loads(pre_file.read_text()) if pre_file.is_file() else None
         cfg = ClipConfig.from_hf(config, pre)
-        model = nnx.eval_shape(
-            lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        return hf_weights.load_module(
+            lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+            hf_weights.read_tensors(directory),
+            RULES,
+            source=str(source),
         )
-        _materialise(model)
-        hf_weights.load_params(model, hf_weights.read_tensors(directory), RULES, source=str(source))
-        return model
 
     def save_pretrained(self, directory) -> None:
         """Writes config.json, preprocessor_config.json and model.safetensors."""
@@ -279,20 +285,16 @@ class Clip(nnx.Module):
             "image_mean": list(self.cfg.image_mean),
             "image_std": list(self.cfg.image_std),
             "size": {"shortest_edge": self.cfg.vision.image_size},
-            "crop_size": {"height": self.cfg.vision.image_size,
-                          "width": self.cfg.vision.image_size},
+            "crop_size": {
+                "height": self.cfg.vision.image_size,
+                "width": self.cfg.vision.image_size,
+            },
         }
         (directory / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         tensors = hf_weights.export_params(self, RULES)
         tensors["logit_scale"] = np.asarray(np.log(1 / 0.07), np.float32)  # unused by CMDCL
-        save_file({k: np.require(v, requirements="C") for k, v in tensors.items()},
-                  str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _materialise(model: nnx.Module) -> None:
-    """Gives the abstract parameters of an ``eval_shape``-built module zero storage.
-
-    ``load_params`` then fills every one of them or raises: nothing stays zero silently.
-    """
-    for var in hf_weights.param_paths(model).values():
-        var.set_value(jnp.zeros(var.shape, var.dtype))
+        save_file(
+            {k: np.require(v, requirements="C") for k, v in tensors.items()},
+            str(directory / "model.safetensors"),
+            metadata={"format": "pt"},
+        )

@@ -61,6 +61,22 @@ def flatten(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def dense_rules(hf: str, ours: str) -> list[Rule]:
+    """Rules for a PyTorch ``nn.Linear`` at key ``hf`` (a regex) -> ``nnx.Linear`` ``ours``."""
+    return [
+        (rf"{hf}\.weight", f"{ours}.kernel", linear),
+        (rf"{hf}\.bias", f"{ours}.bias", identity),
+    ]
+
+
+def norm_rules(hf: str, ours: str) -> list[Rule]:
+    """Rules for a PyTorch ``nn.LayerNorm`` at key ``hf`` -> ``nnx.LayerNorm`` ``ours``."""
+    return [
+        (rf"{hf}\.weight", f"{ours}.scale", identity),
+        (rf"{hf}\.bias", f"{ours}.bias", identity),
+    ]
+
+
 def resolve(source: str | os.PathLike) -> Path:
     """Returns the local directory of a checkpoint given as a directory or a hub model id."""
     path = Path(source).expanduser()
@@ -116,8 +132,7 @@ def read_tensors(directory: Path) -> dict[str, tuple[np.ndarray, Path]]:
         return _read_torch_bin(directory / "pytorch_model.bin")
     else:
         raise WeightLoadError(
-            f"{directory}: no model.safetensors, model.safetensors.index.json or "
-            "pytorch_model.bin"
+            f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
         )
     tensors = {}
     for path in paths:
@@ -150,6 +165,25 @@ def param_paths(module: nnx.Module) -> dict[str, nnx.Param]:
         for path, node in nnx.iter_graph(module)
         if isinstance(node, nnx.Param)
     }
+
+
+def load_module(
+    make: Callable[[], nnx.Module],
+    tensors: dict[str, tuple[np.ndarray, Path]],
+    rules: Sequence[Rule],
+    *,
+    source: str,
+) -> nnx.Module:
+    """Builds ``make()`` without random initialisation and fills it with :func:`load_params`.
+
+    The module is traced with ``nnx.eval_shape``; its parameters get zero storage, which
+    ``load_params`` then overwrites in full or raises: nothing stays zero silently.
+    """
+    module = nnx.eval_shape(make)
+    for var in param_paths(module).values():
+        var.set_value(jnp.zeros(var.shape, var.dtype))
+    load_params(module, tensors, rules, source=source)
+    return module
 
 
 def load_params(
@@ -197,7 +231,9 @@ def load_params(
     missing = sorted(set(targets) - filled)
     if missing:
         files = sorted({str(f) for _, f in tensors.values()})
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
         raise WeightLoadError(
             f"{source}: no tensor in {files} for parameter(s) {shown}; refusing to leave them "
             "randomly initialised"

@@ -32,8 +32,9 @@ class Approximator(nnx.Module):
     concatenation, added to the anchor (``T[c]`` for ``h``, ``T'[b, c]`` for ``g``).
     """
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, *, eps: float = 1e-5, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp = Mlp(2 * dim, dim, act="gelu", out_dim=dim, **kw)
         self.norm = layer_norm(dim, eps=eps, **kw)
@@ -106,8 +107,18 @@ class STA(nnx.Module):
     another frame count it is linearly interpolated over time.
     """
 
-    def __init__(self, dim: int, *, num_layers: int, num_heads: int, num_frames: int,
-                 mlp_ratio: int = 4, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_layers: int,
+        num_heads: int,
+        num_frames: int,
+        mlp_ratio: int = 4,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.position = nnx.Param(
             nnx.initializers.normal(0.02)(rngs.params(), (num_frames, dim), param_dtype)

@@ -16,7 +16,6 @@ from flax import nnx
 
 from cmdcl_jax.models import hf_weights
 from cmdcl_jax.models.layers import Attention, Mlp, layer_norm
-from cmdcl_jax.models.timesformer import dense_rules, norm_rules
 
 Array = jax.Array
 
@@ -183,10 +182,12 @@ class QFormer(nnx.Module):
         config = hf_weights.read_config(directory, ["blip_2_qformer", "blip-2"])
         cfg = QFormerConfig.from_hf(config, source=str(directory / "config.json"))
         prefix = "qformer." if config["model_type"] == "blip-2" else ""
-        model = cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-        tensors = hf_weights.read_tensors(directory)
-        hf_weights.load_params(model, tensors, rules(prefix), source=str(source))
-        return model
+        return hf_weights.load_module(
+            lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+            hf_weights.read_tensors(directory),
+            rules(prefix),
+            source=str(source),
+        )
 
 
 def rules(prefix: str = "") -> list[hf_weights.Rule]:
@@ -195,15 +196,17 @@ def rules(prefix: str = "") -> list[hf_weights.Rule]:
     p = prefix.replace(".", r"\.")
     layer, mine = rf"{p}encoder\.layer\.(\d+)", r"layers.\1"
     out = [
-        *norm_rules(rf"{p}layernorm", "input_norm"),
-        *dense_rules(rf"{layer}\.intermediate_query\.dense", f"{mine}.mlp.fc1"),
-        *dense_rules(rf"{layer}\.output_query\.dense", f"{mine}.mlp.fc2"),
-        *norm_rules(rf"{layer}\.output_query\.LayerNorm", f"{mine}.mlp_norm"),
+        *hf_weights.norm_rules(rf"{p}layernorm", "input_norm"),
+        *hf_weights.dense_rules(rf"{layer}\.intermediate_query\.dense", f"{mine}.mlp.fc1"),
+        *hf_weights.dense_rules(rf"{layer}\.output_query\.dense", f"{mine}.mlp.fc2"),
+        *hf_weights.norm_rules(rf"{layer}\.output_query\.LayerNorm", f"{mine}.mlp_norm"),
     ]
     for hf_name, our_name in [("attention", "self"), ("crossattention", "cross")]:
         block, attn = rf"{layer}\.{hf_name}", f"{mine}.{our_name}_attn"
         for projection in ("query", "key", "value"):
-            out += dense_rules(rf"{block}\.attention\.{projection}", f"{attn}.{projection}")
-        out += dense_rules(rf"{block}\.output\.dense", f"{attn}.out")
-        out += norm_rules(rf"{block}\.output\.LayerNorm", f"{mine}.{our_name}_norm")
+            out += hf_weights.dense_rules(
+                rf"{block}\.attention\.{projection}", f"{attn}.{projection}"
+            )
+        out += hf_weights.dense_rules(rf"{block}\.output\.dense", f"{attn}.out")
+        out += hf_weights.norm_rules(rf"{block}\.output\.LayerNorm", f"{mine}.{our_name}_norm")
     return out

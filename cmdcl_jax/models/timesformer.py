@@ -305,25 +305,12 @@ class Timesformer(nnx.Module):
             raise hf_weights.WeightLoadError(str(err)) from err
         tensors = hf_weights.read_tensors(directory)
         prefix = "timesformer." if any(k.startswith("timesformer.") for k in tensors) else ""
-        model = cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0))
-        hf_weights.load_params(model, tensors, rules(prefix), source=str(source))
-        return model
-
-
-def dense_rules(hf: str, ours: str) -> list[hf_weights.Rule]:
-    """Rules for a PyTorch ``nn.Linear`` at key ``hf`` (a regex) -> ``nnx.Linear`` ``ours``."""
-    return [
-        (rf"{hf}\.weight", f"{ours}.kernel", hf_weights.linear),
-        (rf"{hf}\.bias", f"{ours}.bias", hf_weights.identity),
-    ]
-
-
-def norm_rules(hf: str, ours: str) -> list[hf_weights.Rule]:
-    """Rules for a PyTorch ``nn.LayerNorm`` at key ``hf`` -> ``nnx.LayerNorm`` ``ours``."""
-    return [
-        (rf"{hf}\.weight", f"{ours}.scale", hf_weights.identity),
-        (rf"{hf}\.bias", f"{ours}.bias", hf_weights.identity),
-    ]
+        return hf_weights.load_module(
+            lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)),
+            tensors,
+            rules(prefix),
+            source=str(source),
+        )
 
 
 def rules(prefix: str = "") -> list[hf_weights.Rule]:
@@ -338,18 +325,22 @@ def rules(prefix: str = "") -> list[hf_weights.Rule]:
         (rf"{emb}\.time_embeddings", "time_embed", hf_weights.identity),
         (rf"{emb}\.patch_embeddings\.projection\.weight", "patch_embed.kernel", hf_weights.conv2d),
         (rf"{emb}\.patch_embeddings\.projection\.bias", "patch_embed.bias", hf_weights.identity),
-        *norm_rules(rf"{p}layernorm", "norm"),
-        *norm_rules(rf"{layer}\.temporal_layernorm", f"{mine}.temporal_norm"),
-        *norm_rules(rf"{layer}\.layernorm_before", f"{mine}.spatial_norm"),
-        *norm_rules(rf"{layer}\.layernorm_after", f"{mine}.mlp_norm"),
-        *dense_rules(rf"{layer}\.temporal_dense", f"{mine}.temporal_dense"),
-        *dense_rules(rf"{layer}\.intermediate\.dense", f"{mine}.mlp.fc1"),
-        *dense_rules(rf"{layer}\.output\.dense", f"{mine}.mlp.fc2"),
+        *hf_weights.norm_rules(rf"{p}layernorm", "norm"),
+        *hf_weights.norm_rules(rf"{layer}\.temporal_layernorm", f"{mine}.temporal_norm"),
+        *hf_weights.norm_rules(rf"{layer}\.layernorm_before", f"{mine}.spatial_norm"),
+        *hf_weights.norm_rules(rf"{layer}\.layernorm_after", f"{mine}.mlp_norm"),
+        *hf_weights.dense_rules(rf"{layer}\.temporal_dense", f"{mine}.temporal_dense"),
+        *hf_weights.dense_rules(rf"{layer}\.intermediate\.dense", f"{mine}.mlp.fc1"),
+        *hf_weights.dense_rules(rf"{layer}\.output\.dense", f"{mine}.mlp.fc2"),
     ]
     for hf_name, our_name in [
         ("temporal_attention", "temporal_attn"),
         ("attention", "spatial_attn"),
     ]:
-        out += dense_rules(rf"{layer}\.{hf_name}\.attention\.qkv", f"{mine}.{our_name}.qkv")
-        out += dense_rules(rf"{layer}\.{hf_name}\.output\.dense", f"{mine}.{our_name}.out")
+        out += hf_weights.dense_rules(
+            rf"{layer}\.{hf_name}\.attention\.qkv", f"{mine}.{our_name}.qkv"
+        )
+        out += hf_weights.dense_rules(
+            rf"{layer}\.{hf_name}\.output\.dense", f"{mine}.{our_name}.out"
+        )
     return out

@@ -1,0 +1,320 @@
+"""CMDCL: frozen CLIP + TCI + TimeSformer/STA + VCI + Q-Former classifier.
+
+The composed model of ``shared/design/MODEL.md``. Notation: B batch, L frames, C classes,
+D the CLIP joint width, Dv the TimeSformer width.
+
+Choices beyond the paper, each a field of :class:`CMDCLConfig`:
+
+* ``h`` and ``g`` are ``LayerNorm(anchor + MLP([anchor; evidence]))`` (``interventions``).
+* The video tokens are TimeSformer patch tokens averaged per frame, then ``Linear(Dv, D)``.
+* With ``vci=False`` the Q-Former cross-attends to those L frame tokens; with ``vci=True``
+  to the C class-wise deconfounded tokens ``V'``.
+* Temperatures ``tau_t``/``tau_v`` default to 0.07, fixed unless ``learn_temperature``.
+* Fine-grained scores are computed ``class_chunk`` classes at a time (bounded memory).
+* The class-wise head is ``logit[b, c] = <W[c], F[b, c]> + bias[c]`` (Eq. 9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cmdcl_jax.models import hf_weights
+from cmdcl_jax.models.clip import Clip, ClipConfig, ClipVision
+from cmdcl_jax.models.interventions import (
+    STA,
+    Approximator,
+    bias_aware_scores,
+    fine_grained_pool,
+    fine_grained_scores,
+)
+from cmdcl_jax.models.layers import dense, normalize
+from cmdcl_jax.models.qformer import QFormer, QFormerConfig
+from cmdcl_jax.models.timesformer import Timesformer, TimesformerConfig
+
+Array = jax.Array
+
+# Trainable parameters: everything but the frozen CLIP (which gets no optimizer state).
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("clip")))
+
+
+@dataclasses.dataclass(frozen=True)
+class CMDCLConfig:
+    """Model hyper-parameters. Presets: :meth:`base` (paper scale) and :meth:`tiny` (CPU).
+
+    Attributes:
+      clip: CLIP checkpoint, a Hugging Face id or a ``save_pretrained`` directory.
+      timesformer: TimeSformer checkpoint; "" initialises ``timesformer_arch`` randomly.
+      timesformer_arch: TimeSformer shape used when ``timesformer`` is "".
+      qformer: Q-Former shape; its ``hidden_size`` and ``encoder_hidden_size`` must equal
+        CLIP's ``projection_dim`` (D).
+      qformer_source: Q-Former checkpoint; "" (default) initialises it randomly.
+      num_frames: L the STA position table is sized for (interpolated at other L).
+      sta_layers: STA depth H (paper Fig. 7a: 6). sta_heads: its attention heads.
+      tci, vci: the two interventions (paper Table 3 variants).
+      tau_t, tau_v: temperatures of the bias-aware and fine-grained scores.
+      learn_temperature: learn both temperatures in log space.
+      class_chunk: classes per step of the fine-grained scores (<= 0: all at once).
+      prompt_template: text prompt per class, ``{}`` is the class name.
+      dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
+      remat: rematerialise TimeSformer blocks in the backward pass.
+    """
+
+    clip: str
+    timesformer: str = ""
+    timesformer_arch: TimesformerConfig = TimesformerConfig()
+    qformer: QFormerConfig = QFormerConfig()
+    qformer_source: str = ""
+    num_frames: int = 64
+    sta_layers: int = 6
+    sta_heads: int = 8
+    tci: bool = True
+    vci: bool = True
+    tau_t: float = 0.07
+    tau_v: float = 0.07
+    learn_temperature: bool = False
+    class_chunk: int = 64
+    prompt_template: str = "a video of a person {}."
+    dtype: str = "float32"
+    remat: bool = False
+
+    @classmethod
+    def base(cls, **overrides) -> CMDCLConfig:
+        """The paper's scale: CLIP ViT-B/16, TimeSformer-B/16 (K400) at 224, STA H=6, 64
+        frames, a 2-layer Q-Former of width 512 cross-attending at every layer."""
+        fields = dict(
+            clip="openai/clip-vit-base-patch16",
+            timesformer="facebook/timesformer-base-finetuned-k400",
+            qformer=QFormerConfig(
+                hidden_size=512,
+                num_hidden_layers=2,
+                num_attention_heads=8,
+                intermediate_size=2048,
+                cross_attention_frequency=1,
+                encoder_hidden_size=512,
+            ),
+            num_frames=64,
+            sta_layers=6,
+            sta_heads=8,
+        )
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def tiny(cls, clip: str, **overrides) -> CMDCLConfig:
+        """A CPU-sized model for tests and the demo. ``clip`` is a directory written by
+        :func:`cmdcl_jax.models.tiny_clip.write_tiny_clip` (width 32, 32px frames)."""
+        fields = dict(
+            clip=clip,
+            timesformer="",
+            timesformer_arch=TimesformerConfig.tiny(),
+            qformer=QFormerConfig(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                cross_attention_frequency=1,
+                encoder_hidden_size=32,
+            ),
+            num_frames=8,
+            sta_layers=1,
+            sta_heads=2,
+            class_chunk=4,
+        )
+        return cls(**{**fields, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class Architectures:
+    """Shapes of the pretrained parts, read from their checkpoints' config files."""
+
+    clip: ClipConfig
+    timesformer: TimesformerConfig
+    qformer: QFormerConfig
+
+
+def read_architectures(cfg: CMDCLConfig) -> Architectures:
+    """Reads the CLIP (and TimeSformer, Q-Former, when given) config files of ``cfg``."""
+    clip_dir = hf_weights.resolve(cfg.clip)
+    pre = clip_dir / "preprocessor_config.json"
+    clip = ClipConfig.from_hf(
+        hf_weights.read_config(clip_dir, ["clip"]),
+        json.loads(pre.read_text()) if pre.is_file() else None,
+    )
+    timesformer = cfg.timesformer_arch
+    if cfg.timesformer:
+        ts_dir = hf_weights.resolve(cfg.timesformer)
+        pre = ts_dir / "preprocessor_config.json"
+        timesformer = TimesformerConfig.from_hf(
+            hf_weights.read_config(ts_dir, ["timesformer"]),
+            json.loads(pre.read_text()) if pre.is_file() else None,
+            source=str(ts_dir / "config.json"),
+        )
+    qformer = cfg.qformer
+    if cfg.qformer_source:
+        qformer = QFormer.from_pretrained(cfg.qformer_source).cfg
+    d = clip.projection_dim
+    if (qformer.hidden_size, qformer.encoder_hidden_size) != (d, d):
+        raise ValueError(
+            f"Q-Former hidden_size {qformer.hidden_size} and encoder_hidden_size "
+            f"{qformer.encoder_hidden_size} must both equal CLIP's projection_dim {d}"
+        )
+    return Architectures(clip, timesformer, qformer)
+
+
+class CMDCL(nnx.Module):
+    """The composed model. Call on uint8 video [B, L, H, W, 3]; returns logits [B, C].
+
+    Args:
+      cfg: model hyper-parameters.
+      arch: shapes of CLIP, TimeSformer and Q-Former (:func:`read_architectures`).
+      num_classes: C.
+      rngs: initialisation randomness. :func:`build_cmdcl` then fills CLIP, the class
+        text embeddings T and (when given) TimeSformer/Q-Former from their checkpoints.
+    """
+
+    def __init__(self, cfg: CMDCLConfig, arch: Architectures, num_classes: int, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        d = arch.clip.projection_dim
+        self.cfg = cfg
+        self.clip = ClipVision(arch.clip, **kw)
+        text = jax.random.normal(rngs.params(), (num_classes, d))
+        self.text_embeddings = nnx.Param(normalize(text))  # T [C, D], set to T0 on build
+        self.timesformer = Timesformer(arch.timesformer, remat=cfg.remat, **kw)
+        self.video_proj = dense(arch.timesformer.hidden_size, d, **kw)
+        self.tci_h = Approximator(d, **kw) if cfg.tci else None
+        if cfg.vci:
+            self.sta = STA(
+                d,
+                num_layers=cfg.sta_layers,
+                num_heads=cfg.sta_heads,
+                num_frames=cfg.num_frames,
+                **kw,
+            )
+            self.vci_g = Approximator(d, **kw)
+        else:
+            self.sta = self.vci_g = None
+        self.qformer = QFormer(arch.qformer, **kw)
+        self.head_weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), (num_classes, d)))
+        self.head_bias = nnx.Param(jnp.zeros((num_classes,)))
+        self.log_tau = (
+            nnx.Param(jnp.log(jnp.array([cfg.tau_t, cfg.tau_v], jnp.float32)))
+            if cfg.learn_temperature
+            else None
+        )
+
+    def temperatures(self) -> tuple[Array | float, Array | float]:
+        """(tau_t, tau_v): learned when ``learn_temperature``, else the config's."""
+        if self.log_tau is None:
+            return self.cfg.tau_t, self.cfg.tau_v
+        tau = jnp.exp(self.log_tau[...])
+        return tau[0], tau[1]
+
+    def __call__(
+        self, video: Array, *, deterministic: bool = True, fine_scores: bool = False
+    ) -> tuple[Array, dict[str, Array]]:
+        """Classifies clips.
+
+        Args:
+          video: uint8 frames [B, L, H, W, 3] (normalised here, per encoder).
+          deterministic: no dropout is used; kept for the common interface.
+          fine_scores: also return SF [B, C, L, D] materialised (analysis only).
+
+        Returns:
+          ``(logits [B, C] float32, aux)`` with ``aux`` holding ``frames_clip`` V_P
+          [B, L, D], ``frames_video`` V [B, L, D], ``text`` T' [B, C, D], ``video`` V'
+          ([B, C, D] with VCI, else V), and with TCI ``scores`` S [B, C, L] and ``bias``
+          [B, C, D], with VCI ``frames_sta`` VH [B, L, D] and ``vhat`` [B, C, D].
+        """
+        del deterministic
+        b, l, h, w, _ = video.shape
+        tau_t, tau_v = self.temperatures()
+        frames = self.clip.normalize(video).reshape(b * l, h, w, 3)  # [B*L, H, W, 3]
+        v_p = jax.lax.stop_gradient(normalize(self.clip(frames))).reshape(b, l, -1)  # [B, L, D]
+        text = self.text_embeddings[...]  # [C, D]
+        aux = {"frames_clip": v_p}
+
+        if self.tci_h is not None:
+            s = bias_aware_scores(v_p, text, tau_t)  # [B, C, L]
+            bias = jnp.einsum("bcl,bld->bcd", s, v_p)  # [B, C, D]
+            t_prime = self.tci_h(jnp.broadcast_to(text, bias.shape), bias)  # [B, C, D]
+            aux.update(scores=s, bias=bias)
+        else:
+            t_prime = jnp.broadcast_to(text, (b, *text.shape))  # [B, C, D]
+
+        tokens, _ = self.timesformer(self.timesformer.normalize(video))  # [B, L, N, Dv]
+        v = self.video_proj(tokens.mean(axis=2))  # [B, L, D]
+        aux["frames_video"] = v
+        if self.sta is not None:
+            vh = self.sta(v)  # [B, L, D]
+            vhat = fine_grained_pool(vh, t_prime, tau_v, chunk=self.cfg.class_chunk)  # [B, C, D]
+            v_prime = self.vci_g(t_prime.astype(vhat.dtype), vhat)  # [B, C, D]
+            aux.update(frames_sta=vh, vhat=vhat)
+            if fine_scores:
+                aux["fine_scores"] = fine_grained_scores(vh, t_prime, tau_v)  # [B, C, L, D]
+        else:
+            v_prime = v  # [B, L, D]
+
+        f = self.qformer(t_prime, v_prime)  # [B, C, D]
+        logits = jnp.einsum("bcd,cd->bc", f.astype(jnp.float32), self.head_weight[...])
+        aux.update(text=t_prime, video=v_prime)
+        return logits + self.head_bias[...], aux  # [B, C]
+
+
+def class_prompts(cfg: CMDCLConfig, class_names: Sequence[str]) -> list[str]:
+    """The text prompt of every class: ``cfg.prompt_template`` filled with its name."""
+    return [cfg.prompt_template.format(name) for name in class_names]
+
+
+def text_embeddings(clip: Clip, source: str, prompts: Sequence[str]) -> np.ndarray:
+    """T0 = normalize(CLIP text features) of ``prompts``: [C, D], float32.
+
+    Tokenised with ``transformers.AutoTokenizer`` from the CLIP checkpoint ``source``.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_weights.resolve(source)))
+    batch = tokenizer(
+        list(prompts),
+        padding=True,
+        truncation=True,
+        max_length=clip.cfg.text.max_position_embeddings,
+        return_tensors="np",
+    )
+    features = clip.text(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
+    return np.asarray(normalize(features))
+
+
+def build_cmdcl(cfg: CMDCLConfig, class_names: Sequence[str], *, seed: int = 0) -> CMDCL:
+    """Builds CMDCL with its pretrained parts loaded and T initialised from T0.
+
+    CLIP is always loaded from ``cfg.clip``; TimeSformer and Q-Former from their sources
+    when set, else randomly initialised. Everything else is randomly initialised.
+    """
+    arch = read_architectures(cfg)
+    model = CMDCL(cfg, arch, len(class_names), rngs=nnx.Rngs(seed))
+    dtype = jnp.dtype(cfg.dtype)
+    clip = Clip.from_pretrained(cfg.clip, dtype=dtype)
+    model.text_embeddings[...] = jnp.asarray(
+        text_embeddings(clip, cfg.clip, class_prompts(cfg, class_names))
+    )
+    model.clip = clip.vision
+    if cfg.timesformer:
+        model.timesformer = Timesformer.from_pretrained(
+            cfg.timesformer, dtype=dtype, remat=cfg.remat
+        )
+    if cfg.qformer_source:
+        model.qformer = QFormer.from_pretrained(cfg.qformer_source, dtype=dtype)
+    return model
+
+
+def count_params(model: nnx.Module, wrt=nnx.Param) -> int:
+    """Number of scalars in the parameters of ``model`` selected by ``wrt``."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, wrt)))

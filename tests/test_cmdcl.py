@@ -1,0 +1,116 @@
+"""The composed CMDCL model on the tiny preset: the four Table 3 variants, forward and grad."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from cmdcl_jax.models.cmdcl import TRAINABLE, CMDCLConfig, build_cmdcl, class_prompts
+from cmdcl_jax.models.hf_weights import param_paths
+from cmdcl_jax.models.tiny_clip import write_tiny_clip
+
+CLASSES = ["crack egg", "butter pan", "pour milk", "fry pancake", "add salt and pepper"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_clip")
+    template = CMDCLConfig.tiny(clip="").prompt_template
+    return str(write_tiny_clip(directory, [template, *CLASSES]))
+
+
+def _video(b=2, l=6, size=32, seed=0):
+    return jnp.asarray(
+        np.random.default_rng(seed).integers(0, 256, (b, l, size, size, 3)), jnp.uint8
+    )
+
+
+VARIANTS = [(False, False), (True, False), (False, True), (True, True)]
+
+
+@pytest.mark.parametrize("tci,vci", VARIANTS)
+def test_forward_and_gradient_of_every_variant(tiny_clip_dir, tci, vci):
+    model = build_cmdcl(CMDCLConfig.tiny(tiny_clip_dir, tci=tci, vci=vci), CLASSES)
+    video, labels = _video(), jnp.array([1, 3])
+    logits, aux = nnx.jit(lambda m, v: m(v))(model, video)
+    b, c, d = 2, len(CLASSES), 32
+    assert logits.shape == (b, c) and logits.dtype == jnp.float32
+    assert bool(jnp.isfinite(logits).all())
+    assert aux["frames_clip"].shape == (b, 6, d)
+    assert aux["text"].shape == (b, c, d)
+    assert aux["video"].shape == ((b, c, d) if vci else (b, 6, d))
+    assert ("scores" in aux) == tci and ("vhat" in aux) == vci
+
+    def loss_fn(model):
+        logits, _ = model(video)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    grads = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE)))(model)
+    flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(grads)}
+    trainable = {p for p in param_paths(model) if not p.startswith("clip.")}
+    assert not any(p.startswith("clip.") for p in flat)  # CLIP gets no gradient at all
+    assert set(flat) == trainable
+    no_grad = [p for p, g in flat.items() if not float(jnp.abs(g[...]).max()) > 0]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+
+    # Even differentiated on purpose, the frozen CLIP's gradient is exactly zero.
+    all_grads = nnx.jit(nnx.grad(loss_fn))(model)
+    clip_leaves = jax.tree.leaves(nnx.state(all_grads, nnx.PathContains("clip")))
+    assert clip_leaves and all(float(jnp.abs(g).max()) == 0.0 for g in clip_leaves)
+
+
+def test_text_embeddings_start_at_clip_prompts_and_intermediates_are_consistent(tiny_clip_dir):
+    from cmdcl_jax.models.clip import Clip
+    from cmdcl_jax.models.cmdcl import text_embeddings
+
+    cfg = CMDCLConfig.tiny(tiny_clip_dir)
+    model = build_cmdcl(cfg, CLASSES)
+    t0 = text_embeddings(
+        Clip.from_pretrained(tiny_clip_dir), tiny_clip_dir, class_prompts(cfg, CLASSES)
+    )
+    np.testing.assert_allclose(model.text_embeddings[...], t0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(t0, axis=-1), 1.0, atol=1e-5)
+
+    logits, aux = model(_video(), fine_scores=True)
+    np.testing.assert_allclose(aux["scores"].sum(-1), 1.0, atol=1e-5)
+    sf = aux["fine_scores"]  # [B, C, L, D]
+    np.testing.assert_allclose(sf.sum(axis=2), 1.0, atol=1e-5)
+    vhat = jnp.einsum("bcld,bld->bcd", sf, aux["frames_sta"])
+    np.testing.assert_allclose(aux["vhat"], vhat, atol=1e-5)
+
+
+def test_bfloat16_compute_runs_and_stays_close(tiny_clip_dir):
+    f32 = build_cmdcl(CMDCLConfig.tiny(tiny_clip_dir), CLASSES)
+    bf16 = build_cmdcl(CMDCLConfig.tiny(tiny_clip_dir, dtype="bfloat16"), CLASSES)
+    video = _video()
+    want, _ = f32(video)
+    got, _ = bf16(video)
+    assert got.dtype == jnp.float32 and bool(jnp.isfinite(got).all())
+    np.testing.assert_allclose(got, want, atol=0.1)
+    params = jax.tree.leaves(nnx.state(bf16, nnx.Param))
+    assert all(p.dtype == jnp.float32 for p in params)  # parameters stay float32
+
+
+def test_other_frame_count_and_jit(tiny_clip_dir):
+    model = build_cmdcl(CMDCLConfig.tiny(tiny_clip_dir), CLASSES)  # STA sized for 8 frames
+    forward = nnx.jit(lambda m, v: m(v)[0])
+    for frames in (3, 8, 11):
+        logits = forward(model, _video(l=frames))
+        assert logits.shape == (2, len(CLASSES)) and bool(jnp.isfinite(logits).all())
+
+
+def test_qformer_width_must_match_clip(tiny_clip_dir):
+    from cmdcl_jax.models.qformer import QFormerConfig
+
+    narrow = QFormerConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        encoder_hidden_size=16,
+    )
+    cfg = CMDCLConfig.tiny(tiny_clip_dir, qformer=narrow)
+    with pytest.raises(ValueError, match="projection_dim 32"):
+        build_cmdcl(cfg, CLASSES)
