@@ -21,7 +21,7 @@ from absl import app, flags
 from cmdcl_jax.data import builders
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The user's copy: videos + annotations.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir to write into.", required=True)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir to write into.")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", 64, "F, frames stored per video.")
 _SHORT_SIDE = flags.DEFINE_integer("short_side", 256, "Frames' short side after resizing.")
 _ENCODING = flags.DEFINE_enum("encoding", "jpeg", builders.ENCODINGS, "Frame storage.")
@@ -106,4 +106,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    flags.mark_flag_as_required("data_dir")
     app.run(main)

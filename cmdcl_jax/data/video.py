@@ -6,6 +6,8 @@ swscale does the resizing and its MJPEG codec writes and reads per-frame JPEG.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import av
 import numpy as np
 
@@ -153,12 +155,17 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     return frames[0].to_ndarray(format="rgb24")
 
 
-def write_video(path: str, frames: np.ndarray, fps: int = 15, codec: str = "mpeg4") -> None:
-    """Encodes uint8 [T, H, W, 3] frames (even H and W) into a video file."""
+def write_video(
+    path: str, frames: Iterable[np.ndarray], fps: int = 15, codec: str = "mpeg4"
+) -> None:
+    """Encodes frames, each [H, W, 3] with even H and W, into a video file."""
     with av.open(path, "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
+        stream = None
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            if stream is None:
+                stream = container.add_stream(codec, rate=fps)
+                stream.height, stream.width = frame.shape[:2]
+                stream.pix_fmt = "yuv420p"
+            image = av.VideoFrame.from_ndarray(np.asarray(frame, np.uint8), format="rgb24")
+            container.mux(stream.encode(image))
         container.mux(stream.encode(None))
