@@ -1,5 +1,6 @@
 """Builders and parsers on fixtures in the real formats: labels, splits, skips, errors."""
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,26 @@ def test_video_index_needs_camera_for_breakfast(tmp_path):
     assert ann.find_video(index, "P03/cam02/P03_tea.avi", 2) == tmp_path / "x/P03/cam02/P03_tea.avi"
     assert ann.find_video(index, "P03/webcam01/P03_tea.avi", 2) is None
     assert ann.find_video(index, "elsewhere/abc.mp4") == Path(tmp_path / "videos/3/abc.mp4")
+
+
+def test_rerun_resumes_from_decoded_cache(tmp_path):
+    """An interrupted run leaves decoded videos in the cache and no readable dataset;
+    the re-run takes them from the cache and clears it."""
+    from cmdcl_jax import prepare
+    from cmdcl_jax.data import builders
+
+    root, data_dir = write_charades(tmp_path / "charades"), str(tmp_path / "tfds")
+    config = builders.video_config(NUM_STORED, 16, "raw")
+    cache = Path(data_dir) / "downloads" / f"charades_{config.name}"
+    cache.mkdir(parents=True)
+    sentinel = np.full((NUM_STORED, 16, 24, 3), 7, np.uint8)  # not what decoding gives
+    (cache / "BBBBB.pkl").write_bytes(pickle.dumps(sentinel))
+    (Path(data_dir) / "charades" / config.name / "incomplete.XYZ_1.0.0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no prepared version"):
+        pipeline.load_builder("charades", data_dir)
+    prepare.prepare("charades", str(root), data_dir, num_frames=NUM_STORED, short_side=16,
+                    encoding="raw")  # fmt: skip
+    train = _examples(data_dir, "charades", "train")
+    np.testing.assert_array_equal(train["BBBBB"]["frames"], sentinel)
+    assert train["AAAAA"]["frames"].mean() > 50  # decoded: the ramp's frames 2..17
+    assert not cache.exists()
