@@ -11,7 +11,8 @@ Choices beyond the paper, each a field of :class:`CMDCLConfig`:
   to the C class-wise deconfounded tokens ``V'``.
 * Temperatures ``tau_t``/``tau_v`` default to 0.07, fixed unless ``learn_temperature``.
 * Fine-grained scores are computed ``class_chunk`` classes at a time (bounded memory).
-* The class-wise head is ``logit[b, c] = <W[c], F[b, c]> + bias[c]`` (Eq. 9).
+* The class-wise head is ``logit[b, c] = <W[c], F[b, c]> + bias[c]`` (Eq. 9), with
+  dropout (rate ``dropout``) on ``F`` in training.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class CMDCLConfig:
       learn_temperature: learn both temperatures in log space.
       class_chunk: classes per step of the fine-grained scores (<= 0: all at once).
       prompt_template: text prompt per class, ``{}`` is the class name.
+      dropout: dropout rate on the Q-Former output before the head (training only).
       dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
       remat: rematerialise TimeSformer blocks in the backward pass.
     """
@@ -82,6 +84,7 @@ class CMDCLConfig:
     learn_temperature: bool = False
     class_chunk: int = 64
     prompt_template: str = "a video of a person {}."
+    dropout: float = 0.1
     dtype: str = "float32"
     remat: bool = False
 
@@ -202,6 +205,7 @@ class CMDCL(nnx.Module):
         else:
             self.sta = self.vci_g = None
         self.qformer = QFormer(arch.qformer, **kw)
+        self.dropout = nnx.Dropout(cfg.dropout)
         self.head_weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), (num_classes, d)))
         self.head_bias = nnx.Param(jnp.zeros((num_classes,)))
         self.log_tau = (
@@ -218,13 +222,19 @@ class CMDCL(nnx.Module):
         return tau[0], tau[1]
 
     def __call__(
-        self, video: Array, *, deterministic: bool = True, fine_scores: bool = False
+        self,
+        video: Array,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+        fine_scores: bool = False,
     ) -> tuple[Array, dict[str, Array]]:
         """Classifies clips.
 
         Args:
           video: uint8 frames [B, L, H, W, 3] (normalised here, per encoder).
-          deterministic: no dropout is used; kept for the common interface.
+          deterministic: no dropout when True (evaluation).
+          rngs: a ``dropout`` stream, needed when ``deterministic`` is False.
           fine_scores: also return SF [B, C, L, D] materialised (analysis only).
 
         Returns:
@@ -233,7 +243,6 @@ class CMDCL(nnx.Module):
           ([B, C, D] with VCI, else V), and with TCI ``scores`` S [B, C, L] and ``bias``
           [B, C, D], with VCI ``frames_sta`` VH [B, L, D] and ``vhat`` [B, C, D].
         """
-        del deterministic
         b, l, h, w, _ = video.shape
         tau_t, tau_v = self.temperatures()
         frames = self.clip.normalize(video).reshape(b * l, h, w, 3)  # [B*L, H, W, 3]
@@ -263,6 +272,7 @@ class CMDCL(nnx.Module):
             v_prime = v  # [B, L, D]
 
         f = self.qformer(t_prime, v_prime)  # [B, C, D]
+        f = self.dropout(f, deterministic=deterministic, rngs=rngs)
         logits = jnp.einsum("bcd,cd->bc", f.astype(jnp.float32), self.head_weight[...])
         aux.update(text=t_prime, video=v_prime)
         return logits + self.head_bias[...], aux  # [B, C]

@@ -1,0 +1,65 @@
+"""Fields every run config shares; each config file overrides what it needs."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The paper's training settings (Sec. 4.1) on the paper-scale model."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.log_every = 50
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = ""  # breakfast | coin | charades | causal_kitchen
+    c.dataset.task = ""
+    c.dataset.num_classes = -1  # checked against the data when set
+    c.dataset.data_dir = "data"  # where `python -m cmdcl_jax.prepare` wrote the shards
+    c.dataset.config = ""  # builder config name, when a dataset was prepared several ways
+    c.dataset.train_split = "train"
+    c.dataset.eval_splits = ("test",)  # the first one picks the best checkpoint
+    c.dataset.num_frames = 64  # L (Fig. 7b: best at 64)
+    c.dataset.crop_size = 224
+    c.dataset.num_workers = 4  # grain worker processes
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "base"  # CMDCLConfig.base() or .tiny(); the fields below override it
+    c.model.clip = ml_collections.FieldReference(None, field_type=str)
+    c.model.timesformer = ml_collections.FieldReference(None, field_type=str)
+    c.model.tci = True
+    c.model.vci = True
+    c.model.num_frames = c.dataset.get_ref("num_frames")
+    c.model.sta_layers = ml_collections.FieldReference(None, field_type=int)
+    c.model.tau_t = ml_collections.FieldReference(None, field_type=float)
+    c.model.tau_v = ml_collections.FieldReference(None, field_type=float)
+    c.model.class_chunk = ml_collections.FieldReference(None, field_type=int)
+    c.model.prompt_template = ml_collections.FieldReference(None, field_type=str)
+    c.model.dropout = ml_collections.FieldReference(None, field_type=float)
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 8  # global; the paper does not give it
+    c.train.accum_steps = 1  # micro-batches per step (gradient accumulation)
+    c.train.num_epochs = 80
+    c.train.num_steps = -1  # > 0 overrides num_epochs
+    c.train.learning_rate = 1e-5  # peak, cosine decay to 0
+    c.train.warmup_steps = 0
+    c.train.grad_clip = 1.0  # global norm; <= 0 disables
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 8
+    c.eval.every_steps = -1  # <= 0: only at the end
+    c.eval.num_clips = 1
+    c.eval.num_crops = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 2  # the last `keep`, plus the best on eval_splits[0]
+    c.checkpoint.async_save = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 fills the devices left
+    c.mesh.fsdp = 1  # > 1 shards parameters and optimizer state
+    return c
