@@ -12,6 +12,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cmdcl_jax.cli import quiet_logs
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/synthetic.py", "Run config file.", lock_config=True
 )
@@ -26,6 +28,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 def main(argv):
     del argv
+    quiet_logs()
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
@@ -46,5 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.FLAGS.set_default("verbosity", -1)  # absl WARNING: Orbax's INFO lines drown the bar
     app.run(main)

@@ -82,7 +82,7 @@ def model_config(config: ml_collections.ConfigDict, task: Task, workdir: Path) -
     fields = {k: v for k, v in m.items() if v is not None}
     if preset == "tiny":
         if not fields.get("clip"):
-            clip_dir = workdir / "tiny_clip"
+            clip_dir = workdir.absolute() / "tiny_clip"
             template = fields.get("prompt_template", CMDCLConfig.tiny(clip="").prompt_template)
             if jax.process_index() == 0 and not (clip_dir / "model.safetensors").exists():
                 write_tiny_clip(
@@ -178,7 +178,7 @@ def train_step(state, frozen, batch, base_key, *, graphdef, tx, kind, accum_step
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -262,8 +262,11 @@ def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict, task: T
     )
 
 
-def check_run_identity(workdir: Path, identity: dict) -> None:
-    """Refuses a workdir whose checkpoints belong to another model or task."""
+def check_run_identity(workdir: Path, identity: dict, inference: dict) -> None:
+    """Refuses a workdir whose checkpoints belong to another model or task.
+
+    Writes ``run.json`` (identity plus what ``cmdcl_jax.predict`` needs) on first use.
+    """
     file = workdir / "run.json"
     if file.exists():
         previous = json.loads(file.read_text())
@@ -275,19 +278,27 @@ def check_run_identity(workdir: Path, identity: dict) -> None:
             )
     elif jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        file.write_text(json.dumps(identity, indent=2))
+        file.write_text(json.dumps({**identity, "inference": inference}, indent=2))
 
 
 def run_identity(task: Task, model_cfg: CMDCLConfig) -> dict:
     """What must match for a checkpoint to be resumed: model, classes, task."""
     model = dataclasses.asdict(model_cfg)
     model.pop("dtype"), model.pop("remat")  # may change between runs of one model
-    return {
+    identity = {
         "dataset": task.dataset,
         "task": task.task,
+        "kind": task.kind,
         "class_names": list(task.class_names),
-        "model": json.loads(json.dumps(model, default=str)),
+        "model": model,
     }
+    return json.loads(json.dumps(identity))  # as run.json reads back (tuples -> lists)
+
+
+def inference_settings(config: ml_collections.ConfigDict) -> dict:
+    """Frame sampling of the evaluation, for ``cmdcl_jax.predict``."""
+    d = config.dataset
+    return {"num_frames": d.num_frames, "crop_size": d.crop_size}
 
 
 # ----------------------------------------------------------------------------- loop
@@ -336,7 +347,7 @@ def setup(config: ml_collections.ConfigDict, workdir: Path) -> Run:
     """Builds task, model, optimizer state and checkpoint manager; checks the workdir."""
     task = prepare_task(config)
     model_cfg = model_config(config, task, workdir)
-    check_run_identity(workdir, run_identity(task, model_cfg))
+    check_run_identity(workdir, run_identity(task, model_cfg), inference_settings(config))
     model = build_cmdcl(model_cfg, task.class_names, seed=config.seed)
     graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)

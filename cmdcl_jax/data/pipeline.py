@@ -22,6 +22,7 @@ import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from array_record.python.array_record_module import ArrayRecordReader
 
 from cmdcl_jax.data import builders
 from cmdcl_jax.data.transforms import EvalTransform, LabelledFrames, TrainTransform
@@ -56,6 +57,23 @@ def dataset_dir(dataset: str, data_dir: str, config: str | None = None) -> Path:
 def load_builder(dataset: str, data_dir: str, config: str | None = None):
     """The read-only TFDS builder of a prepared dataset."""
     return tfds.builder_from_directory(dataset_dir(dataset, data_dir, config))
+
+
+def open_split(dataset: str, data_dir: str, split: str, config: str | None = None):
+    """The split's random-access data source, after checking that every shard opens.
+
+    Raises:
+        OSError: naming the first shard that cannot be read (truncated, overwritten).
+    """
+    builder = load_builder(dataset, data_dir, config)
+    if split not in builder.info.splits:
+        raise KeyError(f"{builder.data_path}: no split {split!r}; has {list(builder.info.splits)}")
+    for path in sorted(Path(builder.data_path).glob(f"{dataset}-{split}.array_record-*")):
+        try:
+            ArrayRecordReader(str(path)).close()
+        except Exception as err:  # noqa: BLE001 - the reader's errors have no common type
+            raise OSError(f"{path}: unreadable shard ({err}); prepare the dataset again") from err
+    return builder.as_data_source(split)
 
 
 def class_names(dataset: str, task: str, data_dir: str, config: str | None = None) -> list[str]:
@@ -130,7 +148,7 @@ def make_train_loader(
         process_count: defaults to `jax.process_count()`.
     """
     index, count = _process(process_index, process_count)
-    source = load_builder(dataset, data_dir, config).as_data_source(split)
+    source = open_split(dataset, data_dir, split, config)
     local = np.arange(index, len(source), count)
     ds = grain.MapDataset.source(
         LabelledFrames(
@@ -196,7 +214,7 @@ def make_eval_loader(
         num_crops: spatial views along the long side.
     """
     index, count = _process(process_index, process_count)
-    source = load_builder(dataset, data_dir, config).as_data_source(split)
+    source = open_split(dataset, data_dir, split, config)
     indices, mask = eval_indices(len(source), index, count, _local_batch(batch_size, count))
     multi = task_type(dataset, task) == "multi"
     transform = EvalTransform(

@@ -89,6 +89,22 @@ class CMDCLConfig:
     remat: bool = False
 
     @classmethod
+    def from_dict(cls, d: dict) -> CMDCLConfig:
+        """Inverse of ``dataclasses.asdict`` (as stored in a run's ``run.json``)."""
+        return cls(
+            **{
+                **d,
+                "timesformer_arch": TimesformerConfig(
+                    **{
+                        k: tuple(v) if isinstance(v, list) else v
+                        for k, v in d["timesformer_arch"].items()
+                    }
+                ),
+                "qformer": QFormerConfig(**d["qformer"]),
+            }
+        )
+
+    @classmethod
     def base(cls, **overrides) -> CMDCLConfig:
         """The paper's scale: CLIP ViT-B/16, TimeSformer-B/16 (K400) at 224, STA H=6, 64
         frames, a 2-layer Q-Former of width 512 cross-attending at every layer."""

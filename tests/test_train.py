@@ -1,0 +1,257 @@
+"""The main job on CausalKitchen: learning, kill and resume, sharding, bad input, predict."""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+
+from cmdcl_jax import sharding, train
+from cmdcl_jax.data import pipeline
+from cmdcl_jax.data.transforms import take_frames
+from cmdcl_jax.data.video import write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the configs package, as `python -m cmdcl_jax.main` sees it
+flags.FLAGS.mark_as_parsed()  # grain workers and absl-using code outside app.run
+
+
+def synthetic(data_dir, **overrides):
+    config = importlib.import_module("configs.synthetic").get_config()
+    config.dataset.data_dir = str(data_dir)
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def run_main(workdir, data_dir, *args, devices=8, wait=True):
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmdcl_jax.main",
+        "--config",
+        "configs/synthetic.py",
+        "--workdir",
+        str(workdir),
+        f"--config.dataset.data_dir={data_dir}",
+        *args,
+    ]
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def final_results(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{\n") :])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A full default synthetic run (300 steps on 8 CPU devices): workdir and results."""
+    workdir = tmp_path_factory.mktemp("trained")
+    results = train.train_and_evaluate(synthetic(data_dir), workdir)
+    return workdir, results
+
+
+def test_synthetic_run_learns(trained):
+    workdir, results = trained
+    chance = 1 / 8
+    print(f"\nsynthetic run: {json.dumps(results)}")
+    assert results["test_iid"]["acc1"] > 4 * chance
+    assert results["test_iid"]["num_examples"] == 160
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if x["split"] == "train"]
+    assert losses[-1] < losses[0] - 0.5
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 300 and len(steps) <= 3  # last 2 plus the best
+
+
+def test_checkpoint_from_8_devices_evaluates_on_1(trained, data_dir):
+    workdir, results = trained
+    out = run_main(workdir, data_dir, "--mode=eval", devices=1)
+    assert out.returncode == 0, out.stdout + out.stderr
+    restored = final_results(out.stdout)
+    for split in ("test_iid", "test_shifted"):
+        assert restored[split]["acc1"] == pytest.approx(results[split]["acc1"], abs=1 / 160)
+
+
+def test_predict_prints_top_classes(trained, data_dir, tmp_path):
+    from cmdcl_jax.predict import load_model, predict
+
+    source = pipeline.load_builder("causal_kitchen", str(data_dir)).as_data_source("test_iid")
+    example = source[0]
+    path = str(tmp_path / "clip.mp4")
+    write_video(path, take_frames(example["frames"], np.arange(len(example["frames"]))), fps=8)
+    model, run = load_model(trained[0])
+    (top,) = predict(model, run, [path], top_k=3)
+    assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
+    assert all(name in run["class_names"] for name, _ in top)
+    assert sum(p for _, p in top) <= 1.0 + 1e-6
+
+
+def _final_state(workdir: Path, step: int) -> dict:
+    return ocp.StandardCheckpointer().restore(
+        (workdir / "checkpoints" / str(step) / "state").absolute()
+    )
+
+
+def test_killed_and_resumed_run_ends_bitwise_identical(data_dir, tmp_path):
+    args = [
+        "--config.train.num_steps=40",
+        "--config.checkpoint.every_steps=10",
+        "--config.log_every=5",
+    ]
+    straight = run_main(tmp_path / "straight", data_dir, *args, devices=1)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+
+    proc = run_main(tmp_path / "killed", data_dir, *args, devices=1, wait=False)
+    first = tmp_path / "killed" / "checkpoints" / "20"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = run_main(tmp_path / "killed", data_dir, *args, devices=1)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+    want, got = _final_state(tmp_path / "straight", 40), _final_state(tmp_path / "killed", 40)
+    pairs = list(zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True))
+    assert pairs and all(np.array_equal(a, b) for a, b in pairs)
+    assert final_results(resumed.stdout) == final_results(straight.stdout)
+
+
+def test_sharded_step_matches_single_device(data_dir, tmp_path):
+    config = synthetic(data_dir, **{"train.batch_size": 8})
+    run = train.setup(config, tmp_path)
+    batch = next(iter(train._loader(config, run.task, split="train", training=True)))
+    batch = {"video": batch["video"], "label": batch["label"]}
+    outcomes = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = sharding.make_mesh(devices=devices)
+        host_state, host_frozen = jax.device_get((run.state, run.frozen))  # fresh copies
+        state = jax.device_put(host_state, sharding.tree_shardings(host_state, mesh))
+        frozen = jax.device_put(host_frozen, sharding.tree_shardings(host_frozen, mesh))
+        state, metrics = train.train_step(
+            state,
+            frozen,
+            sharding.place_batch(batch, mesh),
+            jax.random.key(0),
+            graphdef=run.graphdef,
+            tx=run.tx,
+            kind=run.task.kind,
+            accum_steps=1,
+        )
+        outcomes.append((float(metrics["loss"]), jax.device_get(state["params"])))
+    assert len(jax.devices()) == 8
+    (loss1, params1), (loss8, params8) = outcomes
+    assert loss8 == pytest.approx(loss1, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
+    config = synthetic(data_dir, **{"train.batch_size": 8, "model.dropout": 0.0})
+    run = train.setup(config, tmp_path)
+    batch = next(iter(train._loader(config, run.task, split="train", training=True)))
+    placed = sharding.place_batch({"video": batch["video"], "label": batch["label"]}, run.mesh)
+    results = []
+    for accum in (1, 2):
+        state = jax.tree.map(lambda x: x.copy(), run.state)
+        state, metrics = train.train_step(
+            state,
+            run.frozen,
+            placed,
+            jax.random.key(0),
+            graphdef=run.graphdef,
+            tx=run.tx,
+            kind="single",
+            accum_steps=accum,
+        )
+        results.append((float(metrics["loss"]), jax.device_get(state["params"])))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_classes_that_do_not_match_the_data_stop_the_run(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"num_classes=10 but causal_kitchen/activity .* 8"):
+        train.setup(synthetic(data_dir, **{"dataset.num_classes": 10}), tmp_path)
+
+
+def test_workdir_of_another_model_is_refused(data_dir, tmp_path):
+    train.setup(synthetic(data_dir), tmp_path)
+    with pytest.raises(ValueError, match=r"another model or task .*run\.json: model differ"):
+        train.setup(synthetic(data_dir, **{"model.vci": False}), tmp_path)
+
+
+def test_nan_loss_stops_without_overwriting_the_last_good_checkpoint(data_dir, tmp_path):
+    train.train_and_evaluate(
+        synthetic(data_dir, **{"train.num_steps": 20, "checkpoint.every_steps": 10}), tmp_path
+    )
+    exploding = synthetic(
+        data_dir,
+        **{"train.num_steps": 40, "checkpoint.every_steps": 10, "train.learning_rate": 1e30},
+    )
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        train.train_and_evaluate(exploding, tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 20
+    state = _final_state(tmp_path, 20)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_unreadable_shard_names_the_file(data_dir, tmp_path):
+    import shutil
+
+    train.prepare_task(synthetic(data_dir))  # builds CausalKitchen when missing
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    shard = sorted(copy.glob("causal_kitchen/*/*/*train.array_record*"))[0]
+    shard.write_bytes(b"not an array record" * 10)
+    with pytest.raises(Exception, match=shard.name):
+        train.train_and_evaluate(synthetic(copy, **{"train.num_steps": 2}), tmp_path / "run")
+
+
+def test_every_config_loads_and_a_misspelt_override_fails(data_dir, tmp_path):
+    configs = {
+        "synthetic": ["iid", "shifted"],
+        "breakfast": ["activity", "actions"],
+        "coin": ["task", "step"],
+        "charades": [None],
+    }
+    for name, args in configs.items():
+        module = importlib.import_module(f"configs.{name}")
+        for arg in args:
+            config = module.get_config() if arg is None else module.get_config(arg)
+            config.lock()
+            assert config.dataset.name and config.dataset.task
+            assert config.model.num_frames == config.dataset.num_frames
+    out = run_main(tmp_path, data_dir, "--config.train.batch_sise=4")
+    assert out.returncode != 0 and "batch_sise" in out.stderr
