@@ -126,3 +126,19 @@ def test_hub_id_on_an_offline_machine_explains_what_to_pass(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightLoadError, match="save_pretrained"):
         Clip.from_pretrained("no-such-org/no-such-clip")
+
+
+def test_pytorch_bin_checkpoint_reads_only_with_torch(tmp_path, monkeypatch):
+    torch_model = _torch_clip()
+    torch_model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(torch_model.state_dict(), tmp_path / "pytorch_model.bin")
+    pixels = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = torch_model.get_image_features(pixel_values=torch.tensor(pixels)).pooler_output
+    got = Clip.from_pretrained(tmp_path).vision(jnp.asarray(pixels.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as if not installed
+    with pytest.raises(WeightLoadError, match=r"pytorch_model\.bin: a PyTorch pickle needs"):
+        Clip.from_pretrained(tmp_path)

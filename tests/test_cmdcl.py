@@ -114,3 +114,30 @@ def test_qformer_width_must_match_clip(tiny_clip_dir):
     cfg = CMDCLConfig.tiny(tiny_clip_dir, qformer=narrow)
     with pytest.raises(ValueError, match="projection_dim 32"):
         build_cmdcl(cfg, CLASSES)
+
+
+def test_base_preset_at_paper_scale_abstractly():
+    """CLIP ViT-B/16 + TimeSformer-B + STA H=6 + Q-Former on COIN steps, shapes only."""
+    from cmdcl_jax.models.clip import ClipConfig, ClipTowerConfig
+    from cmdcl_jax.models.cmdcl import CMDCL, Architectures, count_params
+
+    cfg = CMDCLConfig.base()
+    arch = Architectures(
+        clip=ClipConfig(
+            vision=ClipTowerConfig(768, 3072, 12, 12, image_size=224, patch_size=16),
+            text=ClipTowerConfig(512, 2048, 12, 8),
+            projection_dim=512,
+        ),
+        timesformer=cfg.timesformer_arch,
+        qformer=cfg.qformer,
+    )
+    model = nnx.eval_shape(lambda: CMDCL(cfg, arch, 778, rngs=nnx.Rngs(0)))
+    frozen = count_params(model, nnx.PathContains("clip"))
+    trainable = count_params(model, TRAINABLE)
+    print(f"\nbase(), C=778: {frozen / 1e6:.1f}M frozen CLIP, {trainable / 1e6:.1f}M trainable")
+    assert 85e6 < frozen < 89e6  # ViT-B/16 vision tower plus projection
+    # TimeSformer-B 121.3M + STA 6 x 3.15M + Q-Former 2 x 4.2M + h, g 2 x 0.8M + T, head 0.8M
+    assert 148e6 < trainable < 155e6
+    video = jax.ShapeDtypeStruct((1, 64, 224, 224, 3), jnp.uint8)
+    logits = nnx.eval_shape(lambda m, v: m(v)[0], model, video)
+    assert logits.shape == (1, 778)
