@@ -515,6 +515,8 @@ def _train_loop(config, workdir: Path, run: Run, train_iter) -> dict:
         bar.close()
         run.manager.wait_until_finished()
         writer.close()
+    if not results:  # the run was already complete: report its evaluation again
+        results = evaluate_splits(config, run)
     return results
 
 

@@ -78,7 +78,7 @@ def trained(data_dir, tmp_path_factory):
     return workdir, results
 
 
-def test_synthetic_run_learns(trained):
+def test_synthetic_run_learns(trained, data_dir):
     workdir, results = trained
     chance = 1 / 8
     print(f"\nsynthetic run: {json.dumps(results)}")
@@ -90,6 +90,9 @@ def test_synthetic_run_learns(trained):
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 300 and len(steps) <= 3  # last 2 plus the best
+    # Started again, the finished run trains no further and reports the same evaluation.
+    assert train.train_and_evaluate(synthetic(data_dir), workdir) == results
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == len(lines)
 
 
 def test_checkpoint_from_8_devices_evaluates_on_1(trained, data_dir):
