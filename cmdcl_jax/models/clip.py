@@ -71,6 +71,13 @@ class ClipConfig:
             image_std=tuple(pre.get("image_std", OPENAI_STD)),
         )
 
+    @classmethod
+    def read(cls, directory: Path) -> ClipConfig:
+        """The config of a ``CLIPModel`` checkpoint directory (model_type checked)."""
+        return cls.from_hf(
+            hf_weights.read_config(directory, ["clip"]), hf_weights.read_preprocessor(directory)
+        )
+
     def to_hf(self) -> dict:
         text = dataclasses.asdict(self.text)
         vision = dataclasses.asdict(self.vision)
@@ -262,10 +269,7 @@ class Clip(nnx.Module):
     def from_pretrained(cls, source, *, dtype=None, param_dtype=jnp.float32) -> Clip:
         """Loads a ``CLIPModel`` checkpoint: a ``save_pretrained`` directory or a hub id."""
         directory = hf_weights.resolve(source)
-        config = hf_weights.read_config(directory, ["clip"])
-        pre_file = directory / "preprocessor_config.json"
-        pre = json.loads(pre_file.read_text()) if pre_file.is_file() else None
-        cfg = ClipConfig.from_hf(config, pre)
+        cfg = ClipConfig.read(directory)
         return hf_weights.load_module(
             lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
             hf_weights.read_tensors(directory),

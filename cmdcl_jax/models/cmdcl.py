@@ -18,7 +18,6 @@ Choices beyond the paper, each a field of :class:`CMDCLConfig`:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 
@@ -160,24 +159,17 @@ class Architectures:
 
 def read_architectures(cfg: CMDCLConfig) -> Architectures:
     """Reads the CLIP (and TimeSformer, Q-Former, when given) config files of ``cfg``."""
-    clip_dir = hf_weights.resolve(cfg.clip)
-    pre = clip_dir / "preprocessor_config.json"
-    clip = ClipConfig.from_hf(
-        hf_weights.read_config(clip_dir, ["clip"]),
-        json.loads(pre.read_text()) if pre.is_file() else None,
-    )
+    clip = ClipConfig.read(hf_weights.resolve(cfg.clip))
     timesformer = cfg.timesformer_arch
     if cfg.timesformer:
-        ts_dir = hf_weights.resolve(cfg.timesformer)
-        pre = ts_dir / "preprocessor_config.json"
-        timesformer = TimesformerConfig.from_hf(
-            hf_weights.read_config(ts_dir, ["timesformer"]),
-            json.loads(pre.read_text()) if pre.is_file() else None,
-            source=str(ts_dir / "config.json"),
-        )
+        timesformer = TimesformerConfig.read(hf_weights.resolve(cfg.timesformer))
     qformer = cfg.qformer
     if cfg.qformer_source:
-        qformer = QFormer.from_pretrained(cfg.qformer_source).cfg
+        q_dir = hf_weights.resolve(cfg.qformer_source)
+        qformer = QFormerConfig.from_hf(
+            hf_weights.read_config(q_dir, ["blip_2_qformer", "blip-2"]),
+            source=str(q_dir / "config.json"),
+        )
     d = clip.projection_dim
     if (qformer.hidden_size, qformer.encoder_hidden_size) != (d, d):
         raise ValueError(

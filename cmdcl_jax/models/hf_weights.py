@@ -118,6 +118,12 @@ def read_config(directory: Path, model_types: Sequence[str]) -> dict:
     return config
 
 
+def read_preprocessor(directory: Path) -> dict | None:
+    """``preprocessor_config.json`` (image mean/std) of a checkpoint, or None if absent."""
+    file = directory / "preprocessor_config.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
 def read_tensors(directory: Path) -> dict[str, tuple[np.ndarray, Path]]:
     """Reads every tensor of a checkpoint directory as ``{key: (array, file)}``."""
     from safetensors.numpy import load_file

@@ -14,7 +14,7 @@ token apart as ``[B, D]``, instead of Hugging Face's flat ``[B, 1 + N*T, D]`` se
 from __future__ import annotations
 
 import dataclasses
-import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,23 @@ class TimesformerConfig:
             if preprocessor and key in preprocessor:
                 kwargs[key] = tuple(float(v) for v in preprocessor[key])
         return cls(**kwargs)
+
+    @classmethod
+    def read(cls, directory: Path) -> TimesformerConfig:
+        """The config of a TimeSformer checkpoint directory.
+
+        Raises:
+          WeightLoadError: another architecture or an unsupported one, naming config.json.
+        """
+        config = hf_weights.read_config(directory, ["timesformer"])
+        try:
+            return cls.from_hf(
+                config,
+                hf_weights.read_preprocessor(directory),
+                source=str(directory / "config.json"),
+            )
+        except ValueError as err:
+            raise hf_weights.WeightLoadError(str(err)) from err
 
 
 class FusedAttention(nnx.Module):
@@ -296,13 +313,7 @@ class Timesformer(nnx.Module):
             type, or tensors that do not fit; the message names the file and parameter.
         """
         directory = hf_weights.resolve(source)
-        config = hf_weights.read_config(directory, ["timesformer"])
-        pre_file = directory / "preprocessor_config.json"
-        pre = json.loads(pre_file.read_text()) if pre_file.is_file() else None
-        try:
-            cfg = TimesformerConfig.from_hf(config, pre, source=str(directory / "config.json"))
-        except ValueError as err:
-            raise hf_weights.WeightLoadError(str(err)) from err
+        cfg = TimesformerConfig.read(directory)
         tensors = hf_weights.read_tensors(directory)
         prefix = "timesformer." if any(k.startswith("timesformer.") for k in tensors) else ""
         return hf_weights.load_module(
