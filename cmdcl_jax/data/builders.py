@@ -306,15 +306,20 @@ class KitchenConfig(tfds.core.BuilderConfig):
 def kitchen_config(spec: causal_kitchen.KitchenSpec) -> KitchenConfig:
     """A `KitchenConfig` named after every field of `spec`."""
     s = spec
+
+    def num(x: float) -> str:
+        return f"{x:g}".replace(".", "p")
+
     name = (
-        f"seed{s.seed}_c{s.num_activities}_n{s.num_train}-{s.num_test}_f{s.num_frames}"
-        f"_s{s.frame_size}_b{round(s.bias * 100)}_a{s.bias_activity}"
+        f"seed{s.seed}_c{s.num_activities}_n{s.num_train}-{s.num_val}-{s.num_test}"
+        f"_f{s.num_frames}_s{s.frame_size}_bg{num(s.background_bias)}"
+        f"_salt{num(s.salt_bias)}_a{s.bias_activity}"
     )
     return KitchenConfig(name=name, spec=spec)
 
 
 class CausalKitchen(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """CausalKitchen (see `causal_kitchen`): splits train / test_iid / test_shifted."""
+    """CausalKitchen (see `causal_kitchen`): splits train, test_iid, test_shifted, val_shifted."""
 
     code_path = None  # As for `_RealVideoBuilder`.
     VERSION = tfds.core.Version("1.0.0")

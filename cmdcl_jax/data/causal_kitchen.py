@@ -1,16 +1,24 @@
 """CausalKitchen: the embedded synthetic benchmark of DATA.md, generated with NumPy.
 
 A video shows the atomic actions of one activity (recipe) in order, one moving glyph per
-action (shape, colour, motion), over a background. Three causal structures are built in:
+action (shape, colour, motion), over a background. Causal structures built in:
 
 * sequential causality: activity pairs with the same actions in a different order;
 * co-occurring causality: actions that occur in one activity only;
-* a visual confounder Z: each activity has a typical background, shown with probability
-  `bias` in `train` and `test_iid`, and drawn independently of the activity in
-  `test_shifted`;
-* a cross-modal bias B: the non-causal action "add salt and pepper" appears in the
-  `bias_activity`'s training videos with probability `bias` and in the others' with
-  probability 1 - bias; in `test_shifted` it appears with probability 1/2 everywhere.
+* a visual confounder Z: activity ``k`` has a typical background ``k``. In the confounded
+  splits (``train``, ``test_iid``) a video shows its activity's own background with
+  probability ``background_bias`` and one of the other C - 1 otherwise, so
+  ``P(background = activity) = background_bias``; ``1 / C`` is unconfounded;
+* a cross-modal bias B: the non-causal action "add salt and pepper" appears in videos of
+  ``bias_activity`` with probability ``salt_bias`` and in the others' with
+  ``1 - salt_bias``; ``1 / 2`` is unconfounded.
+
+The shifted splits (``val_shifted`` for model selection, ``test_shifted`` for reporting;
+disjoint videos, one distribution) draw the background uniformly and show the non-causal
+action with probability 1/2, whatever the activity.
+
+Labels (activity, background, steps) and pixels come from two random streams per split,
+so :func:`sample_labels` draws a split's labels without rendering it.
 
 Glyph shapes are left-right symmetric and motions are flip-invariant, so a horizontal
 flip keeps every label.
@@ -19,6 +27,7 @@ flip keeps every label.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -37,7 +46,9 @@ RECIPES = (
     ("make sandwich", ("slice bread", "spread butter", "cut vegetables")),
     ("make juice", ("cut fruit", "squeeze orange", "pour juice")),
 )
-SPLITS = ("train", "test_iid", "test_shifted")
+# Stream index of each split is its position: keep the order when adding splits.
+SPLITS = ("train", "test_iid", "test_shifted", "val_shifted")
+CONFOUNDED_SPLITS = ("train", "test_iid")
 _COLOURS = np.array(
     [
         [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -56,30 +67,49 @@ class KitchenSpec:
     Attributes:
         seed: everything is a function of it.
         num_activities: C, the first C recipes of `RECIPES` (at most 10).
-        num_train: videos in `train`; `num_test` in each of `test_iid`, `test_shifted`.
-        num_test: videos in each test split.
+        num_train: videos in `train`.
+        num_val: videos in `val_shifted`.
+        num_test: videos in each of `test_iid` and `test_shifted`.
         num_frames: frames per video.
         frame_size: frames are square, this many pixels a side.
-        bias: P(typical background) and P(non-causal action) where they are confounded.
+        background_bias: P(background is the activity's own) in the confounded splits,
+            0..1; 1 / C is unconfounded.
+        salt_bias: P(non-causal action | `bias_activity`) in the confounded splits, and
+            1 - salt_bias for every other activity, 0..1; 1 / 2 is unconfounded.
         bias_activity: the activity that the non-causal action is biased towards.
     """
 
     seed: int = 0
     num_activities: int = 8
     num_train: int = 320
+    num_val: int = 160
     num_test: int = 160
     num_frames: int = 32
     frame_size: int = 64
-    bias: float = 0.9
+    background_bias: float = 0.9
+    salt_bias: float = 0.9
     bias_activity: int = 0
 
     def __post_init__(self):
         if not 2 <= self.num_activities <= len(RECIPES):
             raise ValueError(f"num_activities={self.num_activities} not in 2..{len(RECIPES)}")
-        if not 0.0 <= self.bias <= 1.0:
-            raise ValueError(f"bias={self.bias} not in [0, 1]")
+        for name in ("background_bias", "salt_bias"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} not in [0, 1]")
         if not 0 <= self.bias_activity < self.num_activities:
             raise ValueError(f"bias_activity={self.bias_activity} not a chosen activity")
+
+    def size(self, split: str) -> int:
+        """Number of videos in `split`."""
+        check_split(split)
+        if split == "train":
+            return self.num_train
+        return self.num_val if split == "val_shifted" else self.num_test
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"CausalKitchen has no split {split!r}; splits: {SPLITS}")
 
 
 def activity_names(spec: KitchenSpec) -> list[str]:
@@ -172,6 +202,78 @@ def _render(
     return np.clip(video + rng.uniform(-20, 20), 0, 255).astype(np.uint8)
 
 
+def background_probs(spec: KitchenSpec, split: str) -> np.ndarray:
+    """P(background | activity) of a split: float [C, C], rows the activities."""
+    check_split(split)
+    c = spec.num_activities
+    if split not in CONFOUNDED_SPLITS:
+        return np.full((c, c), 1 / c)
+    other = (1 - spec.background_bias) / (c - 1)
+    return np.where(np.eye(c, dtype=bool), spec.background_bias, other)
+
+
+def salt_probs(spec: KitchenSpec, split: str) -> np.ndarray:
+    """P(non-causal action shown | activity) of a split: float [C]."""
+    check_split(split)
+    if split not in CONFOUNDED_SPLITS:
+        return np.full(spec.num_activities, 0.5)
+    probs = np.full(spec.num_activities, 1 - spec.salt_bias)
+    probs[spec.bias_activity] = spec.salt_bias
+    return probs
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitLabels:
+    """The labels of one split, in generation order: activity, background [N] int, and
+    per video its steps (action ids, in the order shown)."""
+
+    activity: np.ndarray
+    background: np.ndarray
+    steps: list[list[int]]
+
+
+def sample_labels(spec: KitchenSpec, split: str) -> SplitLabels:
+    """Draws the labels of `split` (no rendering), deterministic in (spec, split)."""
+    rng = np.random.default_rng([spec.seed, SPLITS.index(split), 0])
+    actions = action_names(spec)
+    noncausal = len(actions) - 1
+    background_p, salt_p = background_probs(spec, split), salt_probs(spec, split)
+    n = spec.size(split)
+    activity = rng.integers(spec.num_activities, size=n)
+    cdf = np.cumsum(background_p, axis=1)[activity]  # [N, C]
+    background = np.minimum((rng.random((n, 1)) >= cdf).sum(1), spec.num_activities - 1)
+    steps = []
+    for a in activity:
+        video = [actions.index(s) for s in RECIPES[a][1]]
+        if rng.random() < salt_p[a]:
+            video.insert(int(rng.integers(len(video) + 1)), noncausal)
+        steps.append(video)
+    return SplitLabels(activity, background, steps)
+
+
+def order_blind_ceiling(spec: KitchenSpec, split: str) -> float:
+    """Best expected activity accuracy of a classifier that sees everything but the order.
+
+    It sees the set of actions shown (the salt action included), the background, and
+    the frames' content, but not the order of the actions: activities with the same
+    action set are told apart by the background and the non-causal action alone, with
+    the Bayes rule under the split's distribution (uniform activity prior).
+    """
+    recipes = RECIPES[: spec.num_activities]
+    groups: dict[frozenset, list[int]] = {}
+    for a, (_, steps) in enumerate(recipes):
+        groups.setdefault(frozenset(steps), []).append(a)
+    background_p, salt_p = background_probs(spec, split), salt_probs(spec, split)
+    ceiling = 0.0
+    for members in groups.values():
+        for z, salt in itertools.product(range(spec.num_activities), (True, False)):
+            joint = [
+                background_p[a, z] * (salt_p[a] if salt else 1 - salt_p[a]) for a in members
+            ]
+            ceiling += max(joint) / spec.num_activities
+    return ceiling
+
+
 def generate(spec: KitchenSpec, split: str):
     """Yields the examples of one split, deterministic in (spec, split).
 
@@ -179,30 +281,14 @@ def generate(spec: KitchenSpec, split: str):
         (key, example) with example keys `frames` uint8 [T, S, S, 3], `activity` int,
         `actions` sorted positive action ids, `background` int.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} not in {SPLITS}")
-    rng = np.random.default_rng([spec.seed, SPLITS.index(split)])
-    actions = action_names(spec)
-    glyphs = _glyphs(len(actions))
-    noncausal = len(actions) - 1
-    shifted = split == "test_shifted"
-    count = spec.num_train if split == "train" else spec.num_test
-    for i in range(count):
-        activity = int(rng.integers(spec.num_activities))
-        if shifted or rng.random() >= spec.bias:
-            background = int(rng.integers(spec.num_activities))
-        else:
-            background = activity
-        if shifted:
-            p_noncausal = 0.5
-        else:
-            p_noncausal = spec.bias if activity == spec.bias_activity else 1 - spec.bias
-        steps = [actions.index(s) for s in RECIPES[activity][1]]
-        if rng.random() < p_noncausal:
-            steps.insert(int(rng.integers(len(steps) + 1)), noncausal)
+    labels = sample_labels(spec, split)
+    glyphs = _glyphs(len(action_names(spec)))
+    rng = np.random.default_rng([spec.seed, SPLITS.index(split), 1])
+    for i, steps in enumerate(labels.steps):
+        background = int(labels.background[i])
         example = {
             "frames": _render(steps, background, spec, glyphs, rng),
-            "activity": activity,
+            "activity": int(labels.activity[i]),
             "actions": sorted(set(steps)),
             "background": background,
         }

@@ -130,6 +130,6 @@ def kitchen(tmp_path_factory):
     """A small CausalKitchen build: (data_dir, config name)."""
     data_dir = str(tmp_path_factory.mktemp("kitchen"))
     config = builders.build_causal_kitchen(
-        data_dir, seed=3, num_train=30, num_test=13, num_frames=8, frame_size=32
+        data_dir, seed=3, num_train=30, num_val=11, num_test=13, num_frames=8, frame_size=32
     )
     return data_dir, config
