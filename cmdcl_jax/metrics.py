@@ -135,3 +135,24 @@ def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     true_scores = np.take_along_axis(scores, labels[:, None], axis=1)
     others_at_least = (scores >= true_scores).sum(axis=1) - 1
     return float((others_at_least < k).mean())
+
+
+def shortcut_rate(scores: np.ndarray, shortcut_labels: np.ndarray) -> float:
+    """Share of rows whose top class is the class a shortcut cue points to.
+
+    On CausalKitchen the cue is the background: `shortcut_labels[i]` is the activity
+    whose typical background video i shows. A model that reads the background scores 1;
+    one that ignores it scores about 1 / C where the background is independent of the
+    activity. Ties go to the lowest class index (`argmax`).
+
+    Args:
+      scores: float [N, C]; shortcut_labels: int [N] in [0, C).
+    """
+    scores = np.asarray(scores)
+    shortcut_labels = np.asarray(shortcut_labels)
+    if scores.ndim != 2 or shortcut_labels.shape != (scores.shape[0],):
+        raise ValueError(
+            f"scores must be [N, C] and shortcut_labels [N]; got {scores.shape} and "
+            f"{shortcut_labels.shape}"
+        )
+    return float((scores.argmax(axis=1) == shortcut_labels).mean())

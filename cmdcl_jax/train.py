@@ -192,8 +192,22 @@ def eval_step(params, frozen, video, *, graphdef):
     return model(video)[0]
 
 
-def evaluate(params, frozen, graphdef, loader, mesh, task: Task, num_examples: int) -> dict:
-    """Scores a whole split, gathered from every process, each example counted once."""
+def evaluate(
+    params,
+    frozen,
+    graphdef,
+    loader,
+    mesh,
+    task: Task,
+    num_examples: int,
+    shortcut_labels: np.ndarray | None = None,
+) -> dict:
+    """Scores a whole split, gathered from every process, each example counted once.
+
+    Single-label tasks report top-1/top-5 accuracy and how many distinct classes are
+    predicted (a collapsed model predicts few), and, given ``shortcut_labels`` (int
+    [num_examples], by example index), the shortcut rate; multi-label tasks report mAP.
+    """
     logits, labels, indices = [], [], []
     for batch in loader:
         placed = sharding.place_batch(batch, mesh)
@@ -220,11 +234,15 @@ def evaluate(params, frozen, graphdef, loader, mesh, task: Task, num_examples: i
     scores, label = np.concatenate(logits), np.concatenate(labels)
     if task.kind == "single":
         k5 = min(5, scores.shape[1])
-        return {
+        result = {
             "acc1": metrics_lib.top_k_accuracy(scores, label, 1),
             f"acc{k5}": metrics_lib.top_k_accuracy(scores, label, k5),
+            "predicted_classes": len(np.unique(scores.argmax(axis=1))),
             "num_examples": num_examples,
         }
+        if shortcut_labels is not None:
+            result["shortcut_rate"] = metrics_lib.shortcut_rate(scores, shortcut_labels[index])
+        return result
     ap = metrics_lib.average_precision_per_class(scores, label)
     return {
         "mAP": metrics_lib.mean_average_precision(scores, label),
@@ -390,9 +408,20 @@ def evaluate_splits(config, run: Run) -> dict[str, dict]:
     for split in config.dataset.eval_splits:
         loader = _loader(config, task, split=split, training=False)
         n = builder.info.splits[split].num_examples
-        results[split] = evaluate(
-            run.state["params"], run.frozen, run.graphdef, loader, run.mesh, task, n
+        kitchen = task.dataset == "causal_kitchen" and task.task == "activity"
+        shortcut = (
+            pipeline.split_column(
+                task.dataset, config.dataset.data_dir, split, "background", task.data_config
+            )
+            if kitchen
+            else None
         )
+        results[split] = evaluate(
+            run.state["params"], run.frozen, run.graphdef, loader, run.mesh, task, n, shortcut
+        )
+        if kitchen:
+            spec = causal_kitchen.KitchenSpec(**builder.info.metadata["spec"])
+            results[split]["order_blind_ceiling"] = causal_kitchen.order_blind_ceiling(spec, split)
     return results
 
 

@@ -129,3 +129,13 @@ def test_top_k_accuracy_ties_are_pessimistic():
 def test_top_k_accuracy_bad_arguments_raise(scores, labels, k, match):
     with pytest.raises(ValueError, match=match):
         metrics.top_k_accuracy(scores, labels, k)
+
+
+def test_shortcut_rate():
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.5, 0.0]])
+    # Top classes 0, 1, 2 and 0 (a tie goes to the lowest index).
+    assert metrics.shortcut_rate(scores, np.array([0, 1, 2, 0])) == 1.0
+    assert metrics.shortcut_rate(scores, np.array([0, 2, 2, 1])) == 0.5
+    assert metrics.shortcut_rate(scores, np.array([1, 0, 0, 2])) == 0.0
+    with pytest.raises(ValueError, match=r"shortcut_labels \[N\]; got \(4, 3\) and \(3,\)"):
+        metrics.shortcut_rate(scores, np.array([0, 1, 2]))

@@ -76,6 +76,14 @@ def open_split(dataset: str, data_dir: str, split: str, config: str | None = Non
     return builder.as_data_source(split)
 
 
+def split_column(
+    dataset: str, data_dir: str, split: str, field: str, config: str | None = None
+) -> np.ndarray:
+    """One scalar field of every example of a split, by example index: [N]."""
+    source = open_split(dataset, data_dir, split, config)
+    return np.array([source[i][field] for i in range(len(source))])
+
+
 def class_names(dataset: str, task: str, data_dir: str, config: str | None = None) -> list[str]:
     """Readable class names of a task, in label order, from the dataset's metadata."""
     task_type(dataset, task)
