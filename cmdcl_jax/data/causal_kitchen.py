@@ -267,9 +267,7 @@ def order_blind_ceiling(spec: KitchenSpec, split: str) -> float:
     ceiling = 0.0
     for members in groups.values():
         for z, salt in itertools.product(range(spec.num_activities), (True, False)):
-            joint = [
-                background_p[a, z] * (salt_p[a] if salt else 1 - salt_p[a]) for a in members
-            ]
+            joint = [background_p[a, z] * (salt_p[a] if salt else 1 - salt_p[a]) for a in members]
             ceiling += max(joint) / spec.num_activities
     return ceiling
 

@@ -48,7 +48,8 @@ def test_measured_confounding_matches_the_knobs(background_bias, salt_bias):
         present = np.array([salt in steps for steps in labels.steps])
         for a in range(c):
             mine = labels.activity == a
-            expected = (salt_bias if a == spec.bias_activity else 1 - salt_bias) if confounded else 0.5
+            biased = salt_bias if a == spec.bias_activity else 1 - salt_bias
+            expected = biased if confounded else 0.5
             assert _within(present[mine].mean(), expected, mine.sum()), (split, a)
         if not confounded:  # background independent of activity: chi-square, 1 % point 74.9
             assert _chi_square(labels.activity, labels.background, c) < 74.9
