@@ -390,7 +390,9 @@ def _loader(config, task: Task, *, split: str, training: bool, seed: int = 0):
         num_workers=d.num_workers,
     )
     if training:
-        return pipeline.make_train_loader(d.name, d.data_dir, seed=seed, **common)
+        return pipeline.make_train_loader(
+            d.name, d.data_dir, seed=seed, scale=tuple(d.crop_area), **common
+        )
     return pipeline.make_eval_loader(
         d.name,
         d.data_dir,

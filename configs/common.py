@@ -19,6 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.eval_splits = ("test",)  # the first one picks the best checkpoint
     c.dataset.num_frames = 64  # L (Fig. 7b: best at 64)
     c.dataset.crop_size = 224
+    c.dataset.crop_area = (0.25, 1.0)  # training crops: range of their share of the frame area
     c.dataset.num_workers = 4  # grain worker processes
 
     c.model = ml_collections.ConfigDict()
@@ -31,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.sta_layers = ml_collections.FieldReference(None, field_type=int)
     c.model.tau_t = ml_collections.FieldReference(None, field_type=float)
     c.model.tau_v = ml_collections.FieldReference(None, field_type=float)
+    c.model.g_residual = ml_collections.FieldReference(None, field_type=str)
+    c.model.text_scale = ml_collections.FieldReference(None, field_type=str)
     c.model.class_chunk = ml_collections.FieldReference(None, field_type=int)
     c.model.prompt_template = ml_collections.FieldReference(None, field_type=str)
     c.model.dropout = ml_collections.FieldReference(None, field_type=float)

@@ -244,7 +244,7 @@ def test_unreadable_shard_names_the_file(data_dir, tmp_path):
 
 def test_every_config_loads_and_a_misspelt_override_fails(data_dir, tmp_path):
     configs = {
-        "synthetic": ["iid", "shifted"],
+        "synthetic": ["default", "unconfounded"],
         "breakfast": ["activity", "actions"],
         "coin": ["task", "step"],
         "charades": [None],

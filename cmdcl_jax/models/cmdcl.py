@@ -41,6 +41,10 @@ from cmdcl_jax.models.timesformer import Timesformer, TimesformerConfig
 
 Array = jax.Array
 
+# Norm of T' [B, C, D] as a function of D: "unit" is CLIP's sphere, "rms" unit RMS per
+# channel (norm sqrt(D)), the scale of the LayerNorm outputs VH it multiplies in SF.
+TEXT_SCALES = {"unit": lambda d: 1.0, "rms": math.sqrt}
+
 # Trainable parameters: everything but the frozen CLIP (which gets no optimizer state).
 TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("clip")))
 
@@ -81,6 +85,8 @@ class CMDCLConfig:
     tau_t: float = 0.07
     tau_v: float = 0.07
     learn_temperature: bool = False
+    g_residual: str = "evidence"
+    text_scale: str = "rms"
     class_chunk: int = 64
     prompt_template: str = "a video of a person {}."
     dropout: float = 0.1
@@ -127,11 +133,11 @@ class CMDCLConfig:
     @classmethod
     def tiny(cls, clip: str, **overrides) -> CMDCLConfig:
         """A CPU-sized model for tests and the demo. ``clip`` is a directory written by
-        :func:`cmdcl_jax.models.tiny_clip.write_tiny_clip` (width 32, 32px frames)."""
+        :func:`cmdcl_jax.models.tiny_clip.write_tiny_clip` (width 32, 32px frames). The
+        random TimeSformer's time table has ``num_frames`` rows (no interpolation)."""
         fields = dict(
             clip=clip,
             timesformer="",
-            timesformer_arch=TimesformerConfig.tiny(),
             qformer=QFormerConfig(
                 hidden_size=32,
                 num_hidden_layers=1,
@@ -145,7 +151,12 @@ class CMDCLConfig:
             sta_heads=2,
             class_chunk=4,
         )
-        return cls(**{**fields, **overrides})
+        fields = {**fields, **overrides}
+        fields.setdefault(
+            "timesformer_arch",
+            dataclasses.replace(TimesformerConfig.tiny(), num_frames=fields["num_frames"]),
+        )
+        return cls(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +202,8 @@ class CMDCL(nnx.Module):
     """
 
     def __init__(self, cfg: CMDCLConfig, arch: Architectures, num_classes: int, *, rngs: nnx.Rngs):
+        if cfg.text_scale not in TEXT_SCALES:
+            raise ValueError(f"text_scale {cfg.text_scale!r} not one of {sorted(TEXT_SCALES)}")
         dtype = jnp.dtype(cfg.dtype)
         kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         d = arch.clip.projection_dim
@@ -209,7 +222,7 @@ class CMDCL(nnx.Module):
                 num_frames=cfg.num_frames,
                 **kw,
             )
-            self.vci_g = Approximator(d, **kw)
+            self.vci_g = Approximator(d, residual=cfg.g_residual, **kw)
         else:
             self.sta = self.vci_g = None
         self.qformer = QFormer(arch.qformer, **kw)
@@ -265,6 +278,7 @@ class CMDCL(nnx.Module):
             aux.update(scores=s, bias=bias)
         else:
             t_prime = jnp.broadcast_to(text, (b, *text.shape))  # [B, C, D]
+        t_prime = normalize(t_prime) * TEXT_SCALES[self.cfg.text_scale](text.shape[-1])
 
         tokens, _ = self.timesformer(self.timesformer.normalize(video))  # [B, L, N, Dv]
         v = self.video_proj(tokens.mean(axis=2))  # [B, L, D]

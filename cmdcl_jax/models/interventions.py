@@ -25,24 +25,43 @@ from cmdcl_jax.models.layers import Mlp, PreNormBlock, layer_norm
 Array = jax.Array
 
 
+RESIDUALS = ("anchor", "evidence", "none")
+
+
 class Approximator(nnx.Module):
-    """``h`` (TCI) and ``g`` (VCI): ``LayerNorm(anchor + MLP([anchor; evidence]))``.
+    """``h`` (TCI) and ``g`` (VCI): ``LayerNorm(skip + MLP([anchor; evidence]))``.
 
     Our reading of the NWGM approximators: an MLP ``2D -> D -> D`` with GELU on the
-    concatenation, added to the anchor (``T[c]`` for ``h``, ``T'[b, c]`` for ``g``).
+    concatenation (the paper's ``h([t_c, b_c])``, ``g([t'_c, vhat_c])``), plus a skip
+    connection from one input: ``residual`` picks ``"anchor"`` (``T[c]`` for ``h``,
+    ``T'[b, c]`` for ``g``), ``"evidence"`` (``Bias`` / ``Vhat``) or ``"none"``.
     """
 
     def __init__(
-        self, dim: int, *, eps: float = 1e-5, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
+        self,
+        dim: int,
+        *,
+        residual: str = "anchor",
+        eps: float = 1e-5,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
     ):
+        if residual not in RESIDUALS:
+            raise ValueError(f"approximator residual {residual!r} not one of {RESIDUALS}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.residual = residual
         self.mlp = Mlp(2 * dim, dim, act="gelu", out_dim=dim, **kw)
         self.norm = layer_norm(dim, eps=eps, **kw)
 
     def __call__(self, anchor: Array, evidence: Array) -> Array:
         """anchor, evidence [..., D] -> [..., D]."""
-        both = jnp.concatenate([anchor, evidence], axis=-1)  # [..., 2D]
-        return self.norm(anchor + self.mlp(both))
+        out = self.mlp(jnp.concatenate([anchor, evidence], axis=-1))  # [..., D]
+        if self.residual == "anchor":
+            out = out + anchor
+        elif self.residual == "evidence":
+            out = out + evidence
+        return self.norm(out)
 
 
 def bias_aware_scores(frames: Array, text: Array, tau: Array | float) -> Array:
