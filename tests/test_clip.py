@@ -62,6 +62,14 @@ def test_image_and_text_features_match_transformers(tmp_path, hidden_act, eos_to
     np.testing.assert_allclose(got_text, want_text.pooler_output.numpy(), atol=1e-4, rtol=0)
 
 
+def test_text_longer_than_the_position_table_names_the_limit(tmp_path):
+    _torch_clip().save_pretrained(tmp_path)  # max_position_embeddings=16
+    model = Clip.from_pretrained(tmp_path)
+    assert model.text(jnp.ones((1, 16), jnp.int32)).shape == (1, 24)
+    with pytest.raises(ValueError, match="17 tokens is longer than .* max_position_embeddings=16"):
+        model.text(jnp.ones((1, 17), jnp.int32))
+
+
 def test_tiny_clip_round_trips_through_transformers(tmp_path):
     texts = ["a video of a person {}.", "crack egg", "butter pan"]
     write_tiny_clip(tmp_path, texts)

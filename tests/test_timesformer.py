@@ -98,6 +98,21 @@ def test_other_frame_count_and_frame_size(hf_dir):
         assert bool(jnp.isfinite(tokens).all()) and bool(jnp.isfinite(cls).all())
 
 
+def test_frame_remainder_is_dropped_as_transformers_does(hf_dir):
+    """37x35 frames, 8px patches: the checkpoint's 4x4 grid; the last 5 rows and 3 columns
+    fall outside every patch, in transformers' strided convolution and here."""
+    directory, hf = hf_dir
+    pixels = np.random.default_rng(3).normal(size=(2, 4, 37, 35, 3)).astype(np.float32)
+    expected = torch_forward(hf, pixels)
+    tokens, cls = encode(Timesformer.from_pretrained(directory), jnp.asarray(pixels))
+    assert tokens.shape == (2, 4, 16, 32) and expected.shape == (2, 1 + 16 * 4, 32)
+    assert np.abs(expected).mean() > 0.1
+    # Same bound as test_matches_transformers: the same computation on the same weights.
+    np.testing.assert_allclose(hf_order(tokens, cls), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="frame size 7x35 is smaller than the patch size 8"):
+        encode(Timesformer.from_pretrained(directory), jnp.asarray(pixels[:, :, :7]))
+
+
 def test_time_embeddings_interpolate_linearly(hf_dir):
     model = Timesformer.from_pretrained(hf_dir[0])
     table = np.asarray(model.time_embed[...][0])  # [4, D]
