@@ -1,4 +1,4 @@
-"""TCI and VCI operators against a plain NumPy reading of MODEL.md, and their memory bound."""
+"""TCI and VCI operators against a plain NumPy reading of docs/model.md, and their memory bound."""
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ def _softmax(x, axis):
 
 
 def _numpy_reference(v_p, text, vh, t_prime, tau_t, tau_v):
-    """MODEL.md's formulas, loop by loop where it reads clearest."""
+    """docs/model.md's formulas, loop by loop where it reads clearest."""
     b, l, d = v_p.shape
     c = text.shape[0]
     s = np.zeros((b, c, l))

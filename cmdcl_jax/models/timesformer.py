@@ -2,7 +2,7 @@
 Hugging Face ``TimesformerModel``.
 
 CMDCL's visual causal intervention encodes the sampled frames with this model and averages
-its patch tokens per frame (``MODEL.md``, VCI). ``Timesformer.from_pretrained`` reads a
+its patch tokens per frame (``docs/model.md``, VCI). ``Timesformer.from_pretrained`` reads a
 ``save_pretrained`` directory (or a hub id) of ``TimesformerModel`` or
 ``TimesformerForVideoClassification`` (its classifier is ignored) without PyTorch.
 

@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: tiny manual dirs in the real formats of DATA.md."""
+"""Fixtures for the data tests: tiny manual dirs in the real formats of docs/data.md."""
 
 import json
 from pathlib import Path
