@@ -20,6 +20,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from cmdcl_jax.cli import quiet_logs
 from cmdcl_jax.data import builders
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The user's copy: videos + annotations.")
@@ -92,6 +93,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
+    quiet_logs()
     if len(argv) != 2:
         raise app.UsageError(
             f"usage: prepare <dataset>, one of {[*builders.BUILDERS, 'causal_kitchen']}"

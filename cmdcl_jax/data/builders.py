@@ -130,13 +130,30 @@ def _decode_one(job: tuple) -> tuple[object | None, str | None]:
     return value, None
 
 
-class _RealVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Shared decoding and skipping logic of the Breakfast, COIN and Charades builders."""
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """What every builder here shares: version 1.0.0, and TFDS's console output (its
+    "Downloading and preparing" / "downloaded and prepared" lines and progress bars) only
+    at absl INFO verbosity (`--verbosity=0`): a first run shows its own progress."""
 
     # The builders download nothing, so they need no checksums file beside their code (TFDS
     # would look for it through `importlib_resources`, which is not a dependency).
     code_path = None
     VERSION = tfds.core.Version("1.0.0")
+
+    def download_and_prepare(self, **kwargs) -> None:
+        tfds.display_progress_bar(logging.level_info())
+        super().download_and_prepare(**kwargs)
+
+    def _log_download_bytes(self) -> None:
+        logging.info("preparing %s in %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("%s prepared in %s", self.name, self.data_dir)
+
+
+class _RealVideoBuilder(_Builder, skip_registration=True):
+    """Shared decoding and skipping logic of the Breakfast, COIN and Charades builders."""
+
     BUILDER_CONFIGS = [video_config()]
     DATASET = ""
     MIN_PATH_PARTS = 1
@@ -328,11 +345,9 @@ def kitchen_config(spec: causal_kitchen.KitchenSpec) -> KitchenConfig:
     return KitchenConfig(name=name, spec=spec)
 
 
-class CausalKitchen(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class CausalKitchen(_Builder, skip_registration=True):
     """CausalKitchen (see `causal_kitchen`): splits train / test_iid / test_shifted."""
 
-    code_path = None  # As for `_RealVideoBuilder`.
-    VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [kitchen_config(causal_kitchen.KitchenSpec())]
 
     def _info(self) -> tfds.core.DatasetInfo:
