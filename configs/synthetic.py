@@ -8,7 +8,7 @@ split instead of the i.i.d. one.
 
 import ml_collections
 
-from configs.common import base_config
+from cmdcl_jax.run_config import base_config
 
 
 def get_config(arg: str = "iid") -> ml_collections.ConfigDict:
