@@ -118,8 +118,10 @@ def test_frames_follow_annotated_span(prepared):
     frames = take_frames(tea["frames"], np.arange(NUM_STORED))
     assert frames.shape[1:] == (16, 24, 3)
     brightness = frames.mean(axis=(1, 2, 3)) / 10  # ~ the 0-indexed source frame
-    # Span 3-18 (1-indexed) = frames 2..17: segment centres 4, 8, 12, 16 (within codec loss).
-    np.testing.assert_allclose(brightness, [4, 8, 12, 16], atol=1.0)
+    # Span 3-18 (1-indexed) = frames 2..17: segment centres 4, 8, 12, 16. Video and JPEG
+    # coding move a flat frame's mean by a few levels whatever its brightness (so no
+    # relative term; 5 levels measured); the neighbouring frame is 10 levels away.
+    np.testing.assert_allclose(brightness, [4, 8, 12, 16], rtol=0, atol=1.0)
 
 
 def test_coin_labels_splits_and_missing(prepared):

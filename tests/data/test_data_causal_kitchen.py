@@ -31,6 +31,9 @@ def test_background_confounds_activity_in_train_only():
     chance = 1 / spec.num_activities
     _, activity, background = _draw(spec, "train")
     typical = np.mean(background == activity)  # the rule "background -> its activity"
+    # Sampling bounds, not rounding: a share of 400 draws has standard deviation
+    # sqrt(p (1 - p) / 400), 0.015 at p = 0.91 and 0.017 at p = 1/8; 0.05 and 0.06 are
+    # about 3.5 of them.
     assert abs(typical - (0.9 + 0.1 * chance)) < 0.05, typical
     _, activity, background = _draw(spec, "test_shifted")
     typical = np.mean(background == activity)
