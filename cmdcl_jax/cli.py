@@ -1,6 +1,7 @@
 """What the command-line entry points share: a console that shows the run, not the libraries."""
 
 import importlib.util
+import logging as std_logging
 import os
 import pkgutil
 
@@ -14,16 +15,23 @@ def quiet_logs() -> None:
     """Keeps library chatter off the console unless ``--verbosity`` asks for it.
 
     Without ``--verbosity``: absl at WARNING (Orbax's INFO lines would drown the output),
-    transformers at ERROR (its "PyTorch was not found" concerns PyTorch models, which
-    this project does not use); TFDS's announcements and progress bars follow the absl
-    level (``cmdcl_jax.data.builders``). In any case, on a machine with JAX's CUDA plugin
+    TFDS's own warnings dropped (such as "Using custom data configuration" or "Variant
+    folder ... has no dataset_info.json" on a first preparation), transformers at ERROR
+    (its "PyTorch was not found" concerns PyTorch models, which this project does not use);
+    TFDS's announcements and progress bars follow the absl level
+    (``cmdcl_jax.data.builders``). In any case, on a machine with JAX's CUDA plugin
     and no NVIDIA GPU, JAX is set to the CPU before it starts, so that the plugin's failed
     probe (``cuInit``) logs no traceback. Call it first thing in ``main``.
     """
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        logging.get_absl_handler().addFilter(_not_a_tfds_warning)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read at its import
     _use_cpu_without_nvidia_gpu()
+
+
+def _not_a_tfds_warning(record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.ERROR or "tensorflow_datasets" not in record.pathname
 
 
 def _use_cpu_without_nvidia_gpu() -> None:
