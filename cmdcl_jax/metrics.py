@@ -1,6 +1,6 @@
 """Evaluation metrics in NumPy: mAP (Charades' definition) and top-k accuracy.
 
-See the "Metrics" section of DATA.md. Both functions take the whole evaluation set at
+See the "Metrics" section of docs/data.md. Both functions take the whole evaluation set at
 once and are vectorised over rows and classes.
 """
 

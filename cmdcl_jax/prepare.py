@@ -4,9 +4,11 @@ r"""Writes a dataset's frame shards: `python -m cmdcl_jax.prepare <dataset> [fla
       --num_frames 64 --short_side 256 --encoding jpeg --num_workers 8
   python -m cmdcl_jax.prepare causal_kitchen --data_dir ~/tfds --seed 0
 
-Videos that are missing, fail to decode or have no label are skipped; the list, with
-counts, goes to `prepare_report.json` beside the shards and to the console. An
-interrupted run resumes from the decoded-video cache on the next call.
+Videos that are missing, fail to decode, have no label or a malformed annotation are
+skipped; the list, with counts and the file and line of each malformed annotation, goes to
+`prepare_report.json` beside the shards and to the console. `--strict` stops at the first
+malformed annotation instead. An interrupted run resumes from the decoded-video cache on
+the next call.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from cmdcl_jax.cli import quiet_logs
 from cmdcl_jax.data import builders
 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "The user's copy: videos + annotations.")
@@ -26,6 +29,9 @@ _NUM_FRAMES = flags.DEFINE_integer("num_frames", 64, "F, frames stored per video
 _SHORT_SIDE = flags.DEFINE_integer("short_side", 256, "Frames' short side after resizing.")
 _ENCODING = flags.DEFINE_enum("encoding", "jpeg", builders.ENCODINGS, "Frame storage.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 4, "Decoding processes (0: in-process).")
+_STRICT = flags.DEFINE_bool(
+    "strict", False, "Stop at a malformed annotation instead of skipping its video."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "causal_kitchen only: the generator seed.")
 
 REPORT_NAME = "prepare_report.json"
@@ -40,8 +46,13 @@ def prepare(
     short_side: int = 256,
     encoding: str = "jpeg",
     num_workers: int = 0,
+    strict: bool = False,
 ) -> dict:
     """Builds a real dataset's shards and its report of skipped videos.
+
+    Args:
+        strict: raise `AnnotationError` at the first malformed annotation instead of
+            skipping its video.
 
     Returns:
         The report: dataset, config, written examples per split, skip counts by reason
@@ -51,7 +62,7 @@ def prepare(
         raise ValueError(f"unknown dataset {dataset!r}; one of {sorted(builders.BUILDERS)}")
     config = builders.video_config(num_frames, short_side, encoding)
     builder = builders.make_builder(
-        builders.BUILDERS[dataset], config, data_dir, num_workers=num_workers
+        builders.BUILDERS[dataset], config, data_dir, num_workers=num_workers, strict=strict
     )
     report_path = Path(builder.data_dir) / REPORT_NAME
     if builder.is_prepared() and report_path.exists():
@@ -82,6 +93,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
+    quiet_logs()
     if len(argv) != 2:
         raise app.UsageError(
             f"usage: prepare <dataset>, one of {[*builders.BUILDERS, 'causal_kitchen']}"
@@ -101,6 +113,7 @@ def main(argv: list[str]) -> None:
         short_side=_SHORT_SIDE.value,
         encoding=_ENCODING.value,
         num_workers=_NUM_WORKERS.value,
+        strict=_STRICT.value,
     )
     print(format_report(report))
 

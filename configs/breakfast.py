@@ -7,7 +7,7 @@ Prepare the data first: ``python -m cmdcl_jax.prepare breakfast --manual_dir ...
 
 import ml_collections
 
-from configs.common import base_config
+from cmdcl_jax.run_config import base_config
 
 TASKS = {"activity": 10, "actions": 48}
 

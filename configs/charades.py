@@ -7,7 +7,7 @@ Prepare the data first: ``python -m cmdcl_jax.prepare charades --manual_dir ...
 
 import ml_collections
 
-from configs.common import base_config
+from cmdcl_jax.run_config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

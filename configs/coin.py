@@ -6,7 +6,7 @@ Prepare the data first: ``python -m cmdcl_jax.prepare coin --manual_dir ... --da
 
 import ml_collections
 
-from configs.common import base_config
+from cmdcl_jax.run_config import base_config
 
 TASKS = {"task": 180, "step": 778}
 

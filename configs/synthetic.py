@@ -9,7 +9,7 @@ nor the non-causal action is tied to the activity. The best checkpoint is picked
 
 import ml_collections
 
-from configs.common import base_config
+from cmdcl_jax.run_config import base_config
 
 NUM_ACTIVITIES = 8
 KNOBS = {  # (background_bias, salt_bias); chance (1/C, 1/2) is unconfounded

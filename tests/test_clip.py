@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from tolerances import PARITY
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
 from cmdcl_jax.models.clip import Clip
@@ -58,8 +59,16 @@ def test_image_and_text_features_match_transformers(tmp_path, hidden_act, eos_to
         )
     got_image = model.vision(jnp.asarray(pixels.transpose(0, 2, 3, 1)))
     got_text = model.text(jnp.asarray(ids), jnp.asarray(mask))
-    np.testing.assert_allclose(got_image, want_image.pooler_output.numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(got_text, want_text.pooler_output.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got_image, want_image.pooler_output.numpy(), **PARITY)
+    np.testing.assert_allclose(got_text, want_text.pooler_output.numpy(), **PARITY)
+
+
+def test_text_longer_than_the_position_table_names_the_limit(tmp_path):
+    _torch_clip().save_pretrained(tmp_path)  # max_position_embeddings=16
+    model = Clip.from_pretrained(tmp_path)
+    assert model.text(jnp.ones((1, 16), jnp.int32)).shape == (1, 24)
+    with pytest.raises(ValueError, match="17 tokens is longer than .* max_position_embeddings=16"):
+        model.text(jnp.ones((1, 17), jnp.int32))
 
 
 def test_tiny_clip_round_trips_through_transformers(tmp_path):
@@ -80,7 +89,7 @@ def test_tiny_clip_round_trips_through_transformers(tmp_path):
             input_ids=torch.tensor(batch["input_ids"]),
             attention_mask=torch.tensor(batch["attention_mask"]),
         ).pooler_output.numpy()
-    np.testing.assert_allclose(ours, want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours, want, **PARITY)
 
 
 def test_missing_weights_file_names_the_directory(tmp_path):
@@ -137,7 +146,7 @@ def test_pytorch_bin_checkpoint_reads_only_with_torch(tmp_path, monkeypatch):
     with torch.no_grad():
         want = torch_model.get_image_features(pixel_values=torch.tensor(pixels)).pooler_output
     got = Clip.from_pretrained(tmp_path).vision(jnp.asarray(pixels.transpose(0, 2, 3, 1)))
-    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got, want.numpy(), **PARITY)
 
     monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as if not installed
     with pytest.raises(WeightLoadError, match=r"pytorch_model\.bin: a PyTorch pickle needs"):

@@ -1,4 +1,4 @@
-"""TCI and VCI operators against a plain NumPy reading of MODEL.md, and their memory bound."""
+"""TCI and VCI operators against a plain NumPy reading of docs/model.md, and their memory bound."""
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ def _softmax(x, axis):
 
 
 def _numpy_reference(v_p, text, vh, t_prime, tau_t, tau_v):
-    """MODEL.md's formulas, loop by loop where it reads clearest."""
+    """docs/model.md's formulas, loop by loop where it reads clearest."""
     b, l, d = v_p.shape
     c = text.shape[0]
     s = np.zeros((b, c, l))
@@ -46,16 +46,21 @@ def test_scores_and_pools_equal_numpy_recomputation():
     tau_t, tau_v = 0.07, 0.5
     s_ref, bias_ref, sf_ref, vhat_ref = _numpy_reference(v_p, text, vh, t_prime, tau_t, tau_v)
 
+    # float32 on both sides. A softmax of logits up to |x| ~ 30 (14 for S: unit vectors over
+    # 0.07) rounds each exp(x) by |x| eps relative, ~4e-6; pooled sums over L = 5 of terms up
+    # to 3 add L eps * 3 absolute. Measured: 2e-6 relative, 2.4e-7 absolute.
+    f32 = {"rtol": 2e-5, "atol": 1e-5}
     s = bias_aware_scores(jnp.asarray(v_p), jnp.asarray(text), tau_t)
-    np.testing.assert_allclose(s.sum(axis=-1), 1.0, atol=1e-6)  # sums to 1 over frames
-    np.testing.assert_allclose(s, s_ref, atol=1e-5)
+    # sums to 1 over frames, to (L + 2) eps
+    np.testing.assert_allclose(s.sum(axis=-1), 1.0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s, s_ref, **f32)
     bias = jnp.einsum("bcl,bld->bcd", s, v_p)
-    np.testing.assert_allclose(bias, bias_ref, atol=1e-5)
+    np.testing.assert_allclose(bias, bias_ref, **f32)
     sf = fine_grained_scores(jnp.asarray(vh), jnp.asarray(t_prime), tau_v)
-    np.testing.assert_allclose(sf, sf_ref, atol=1e-5)
+    np.testing.assert_allclose(sf, sf_ref, **f32)
     for chunk in (0, 3, 7, 100):  # all at once, ragged chunks, exact, larger than C
         vhat = fine_grained_pool(jnp.asarray(vh), jnp.asarray(t_prime), tau_v, chunk=chunk)
-        np.testing.assert_allclose(vhat, vhat_ref, atol=1e-5, err_msg=f"chunk={chunk}")
+        np.testing.assert_allclose(vhat, vhat_ref, **f32, err_msg=f"chunk={chunk}")
 
 
 def test_chunked_gradient_equals_unchunked_gradient():
@@ -68,8 +73,10 @@ def test_chunked_gradient_equals_unchunked_gradient():
 
     want = jax.grad(loss, argnums=(0, 1))(vh, t_prime, 0)
     got = jax.grad(loss, argnums=(0, 1))(vh, t_prime, 3)
+    # Gradients up to 23, each a float32 sum over C = 10 classes and L = 4 frames of terms as
+    # large, ordered differently in chunks: ~40 eps of 23 is 1e-4 absolute (1.2e-5 measured).
     for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
 
 
 def _compiled_temp_bytes(chunk: int, b: int, c: int, l: int, d: int) -> int:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from tolerances import BF16, PARITY
 
 from cmdcl_jax.models.hf_weights import WeightLoadError
 from cmdcl_jax.models.timesformer import Timesformer, TimesformerConfig
@@ -86,7 +87,7 @@ def test_matches_transformers(tmp_path, cls_name):
     assert tokens.shape == (2, 4, 16, 32) and cls.shape == (2, 32)
     assert expected.shape == (2, 1 + 16 * 4, 32)
     assert np.abs(expected).mean() > 0.1  # the comparison is not between near-zeros
-    np.testing.assert_allclose(hf_order(tokens, cls), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(hf_order(tokens, cls), expected, **PARITY)
 
 
 def test_other_frame_count_and_frame_size(hf_dir):
@@ -98,14 +99,30 @@ def test_other_frame_count_and_frame_size(hf_dir):
         assert bool(jnp.isfinite(tokens).all()) and bool(jnp.isfinite(cls).all())
 
 
+def test_frame_remainder_is_dropped_as_transformers_does(hf_dir):
+    """37x35 frames, 8px patches: the checkpoint's 4x4 grid; the last 5 rows and 3 columns
+    fall outside every patch, in transformers' strided convolution and here."""
+    directory, hf = hf_dir
+    pixels = np.random.default_rng(3).normal(size=(2, 4, 37, 35, 3)).astype(np.float32)
+    expected = torch_forward(hf, pixels)
+    tokens, cls = encode(Timesformer.from_pretrained(directory), jnp.asarray(pixels))
+    assert tokens.shape == (2, 4, 16, 32) and expected.shape == (2, 1 + 16 * 4, 32)
+    assert np.abs(expected).mean() > 0.1
+    np.testing.assert_allclose(hf_order(tokens, cls), expected, **PARITY)
+    with pytest.raises(ValueError, match="frame size 7x35 is smaller than the patch size 8"):
+        encode(Timesformer.from_pretrained(directory), jnp.asarray(pixels[:, :, :7]))
+
+
 def test_time_embeddings_interpolate_linearly(hf_dir):
     model = Timesformer.from_pretrained(hf_dir[0])
     table = np.asarray(model.time_embed[...][0])  # [4, D]
     doubled = np.asarray(model._frame_times(8))  # [8, D]
-    # Half-pixel centres: new frame 2k+1 sits at old position k + 0.25.
-    np.testing.assert_allclose(doubled[1], 0.75 * table[0] + 0.25 * table[1], atol=1e-6)
-    np.testing.assert_allclose(doubled[0], table[0], atol=1e-6)
-    np.testing.assert_allclose(np.asarray(model._frame_times(4)), table)
+    # Half-pixel centres: new frame 2k+1 sits at old position k + 0.25. One float32 blend
+    # of two entries of size < 1: a few ulps (1e-7) apart from the same blend in NumPy.
+    blend = {"rtol": 1e-6, "atol": 1e-6}
+    np.testing.assert_allclose(doubled[1], 0.75 * table[0] + 0.25 * table[1], **blend)
+    np.testing.assert_allclose(doubled[0], table[0], **blend)
+    np.testing.assert_array_equal(np.asarray(model._frame_times(4)), table)  # the table itself
 
 
 def test_bfloat16_compute_close_to_float32(hf_dir):
@@ -115,8 +132,7 @@ def test_bfloat16_compute_close_to_float32(hf_dir):
     tokens16, cls16 = encode(model16, pixels)
     assert tokens16.dtype == jnp.bfloat16 and cls16.dtype == jnp.bfloat16
     assert model16.pos_embed[...].dtype == jnp.float32
-    err = np.abs(hf_order(tokens16, cls16) - hf_order(tokens32, cls32))
-    assert err.max() < 0.15 and err.mean() < 0.02, (err.max(), err.mean())
+    np.testing.assert_allclose(hf_order(tokens16, cls16), hf_order(tokens32, cls32), **BF16)
 
 
 def test_remat_gives_same_values_and_gradients():
@@ -132,9 +148,11 @@ def test_remat_gives_same_values_and_gradients():
     value_and_grad = nnx.jit(nnx.value_and_grad(loss))
     loss_a, grads_a = value_and_grad(plain)
     loss_b, grads_b = value_and_grad(remat)
-    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+    # The same float32 operations recomputed; XLA may fuse and order sums of up to 64 terms
+    # differently: 64 eps (8e-6) of the largest gradients (0.3), 2e-6 at most.
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(grads_a["time_embed"][...]).sum()) > 0
 
 
@@ -145,7 +163,8 @@ def test_normalize_uses_preprocessor_config(tmp_path, hf_dir):
     model = Timesformer.from_pretrained(tmp_path)
     assert model.cfg.image_mean == (0.5, 0.4, 0.3)
     out = model.normalize(jnp.full((1, 1, 1, 1, 3), 255, jnp.uint8))
-    np.testing.assert_allclose(np.asarray(out).ravel(), [2.0, 3.0, 7.0], rtol=1e-6)
+    # (1 - mean) / std in float32: three roundings of values up to 7, under 1e-6 relative.
+    np.testing.assert_allclose(np.asarray(out).ravel(), [2.0, 3.0, 7.0], rtol=1e-6, atol=1e-6)
     # Without a processor file: the K400 processor's values.
     assert Timesformer.from_pretrained(hf_dir[0]).cfg.image_std == (0.225, 0.225, 0.225)
 

@@ -100,8 +100,10 @@ def test_checkpoint_from_8_devices_evaluates_on_1(trained, data_dir):
     out = run_main(workdir, data_dir, "--mode=eval", devices=1)
     assert out.returncode == 0, out.stdout + out.stderr
     restored = final_results(out.stdout)
+    # Logits differ in float32 rounding across meshes (~1e-6), which may flip a near-tie in
+    # one of the 160 videos, no more.
     for split in ("test_iid", "test_shifted"):
-        assert restored[split]["acc1"] == pytest.approx(results[split]["acc1"], abs=1 / 160)
+        assert restored[split]["acc1"] == pytest.approx(results[split]["acc1"], rel=0, abs=1 / 160)
 
 
 def test_predict_prints_top_classes(trained, data_dir, tmp_path):
@@ -115,7 +117,7 @@ def test_predict_prints_top_classes(trained, data_dir, tmp_path):
     (top,) = predict(model, run, [path], top_k=3)
     assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
     assert all(name in run["class_names"] for name, _ in top)
-    assert sum(p for _, p in top) <= 1.0 + 1e-6
+    assert sum(p for _, p in top) <= 1.0 + 1e-5  # a float32 softmax sums to 1 within C eps
 
 
 def _final_state(workdir: Path, step: int) -> dict:
@@ -151,10 +153,12 @@ def test_killed_and_resumed_run_ends_bitwise_identical(data_dir, tmp_path):
 
 
 def test_sharded_step_matches_single_device(data_dir, tmp_path):
-    config = synthetic(data_dir, **{"train.batch_size": 8})
+    # No warm-up: the first step's learning rate is the peak, so the parameters do move.
+    config = synthetic(data_dir, **{"train.batch_size": 8, "train.warmup_steps": 0})
     run = train.setup(config, tmp_path)
     batch = next(iter(train._loader(config, run.task, split="train", training=True)))
     batch = {"video": batch["video"], "label": batch["label"]}
+    initial = jax.device_get(run.state["params"])
     outcomes = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = sharding.make_mesh(devices=devices)
@@ -173,17 +177,36 @@ def test_sharded_step_matches_single_device(data_dir, tmp_path):
         )
         outcomes.append((float(metrics["loss"]), jax.device_get(state["params"])))
     assert len(jax.devices()) == 8
-    (loss1, params1), (loss8, params8) = outcomes
-    assert loss8 == pytest.approx(loss1, rel=1e-5)
-    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_step(initial, *outcomes[0], *outcomes[1])
+
+
+def assert_same_step(initial, loss_a, params_a, loss_b, params_b):
+    """One training step from the parameters ``initial``, computed two ways (another device
+    count, another accumulation).
+
+    float32 sums ordered differently give losses (~2) that agree to ~1e-6 relative.
+    Adam's first step moves each parameter by the learning rate (3e-3) times
+    g / (|g| + 1e-8): +-3e-3 wherever |g| >> 1e-8, however g was rounded; where the true
+    gradient is ~0 and g is rounding noise (<~ 1e-11 here), by <~ 3e-6. So the parameters
+    (up to ~1) agree to 1e-4 relative plus 1e-5 absolute (4.5e-7 measured), while a wrong
+    gradient would move one by 6e-3.
+    """
+    assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-6)
+    largest_move = 0.0
+    for p0, a, b in zip(*map(jax.tree.leaves, (initial, params_a, params_b)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        largest_move = max(largest_move, float(np.abs(a - p0).max()))
+    assert largest_move > 1e-3  # the step did move them, by about the learning rate
 
 
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
-    config = synthetic(data_dir, **{"train.batch_size": 8, "model.dropout": 0.0})
+    config = synthetic(
+        data_dir, **{"train.batch_size": 8, "model.dropout": 0.0, "train.warmup_steps": 0}
+    )
     run = train.setup(config, tmp_path)
     batch = next(iter(train._loader(config, run.task, split="train", training=True)))
     placed = sharding.place_batch({"video": batch["video"], "label": batch["label"]}, run.mesh)
+    initial = jax.device_get(run.state["params"])
     results = []
     for accum in (1, 2):
         state = jax.tree.map(lambda x: x.copy(), run.state)
@@ -198,9 +221,7 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
             accum_steps=accum,
         )
         results.append((float(metrics["loss"]), jax.device_get(state["params"])))
-    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
-    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_step(initial, *results[0], *results[1])
 
 
 def test_classes_that_do_not_match_the_data_stop_the_run(data_dir, tmp_path):

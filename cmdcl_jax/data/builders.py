@@ -6,8 +6,9 @@ feature per task (a class id, or a uint8 multi-hot vector). `frames` is either u
 `[F, H, W, 3]` (encoding `raw` or `zlib`) or F JPEG byte strings (encoding `jpeg`). The
 metadata (`metadata.json`) holds the class names of every task, for the text prompts.
 
-Real datasets read a user's local copy as the manual dir; a video that is missing or does
-not decode is skipped and recorded in `builder.skipped`. Decoded videos are cached one
+Real datasets read a user's local copy as the manual dir; a video that is missing, does
+not decode or has a malformed annotation is skipped and recorded in `builder.skipped`
+(with `strict`, a malformed annotation raises instead). Decoded videos are cached one
 file each (written atomically) under the download dir, so an interrupted build resumes;
 TFDS writes shards into an `incomplete.*` folder that it renames only when complete.
 """
@@ -129,23 +130,44 @@ def _decode_one(job: tuple) -> tuple[object | None, str | None]:
     return value, None
 
 
-class _RealVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Shared decoding and skipping logic of the Breakfast, COIN and Charades builders."""
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """What every builder here shares: version 1.0.0, and TFDS's console output (its
+    "Downloading and preparing" / "downloaded and prepared" lines and progress bars) only
+    at absl INFO verbosity (`--verbosity=0`): a first run shows its own progress."""
 
     # The builders download nothing, so they need no checksums file beside their code (TFDS
     # would look for it through `importlib_resources`, which is not a dependency).
     code_path = None
     VERSION = tfds.core.Version("1.0.0")
+
+    def download_and_prepare(self, **kwargs) -> None:
+        tfds.display_progress_bar(logging.level_info())
+        super().download_and_prepare(**kwargs)
+
+    def _log_download_bytes(self) -> None:
+        logging.info("preparing %s in %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("%s prepared in %s", self.name, self.data_dir)
+
+
+class _RealVideoBuilder(_Builder, skip_registration=True):
+    """Shared decoding and skipping logic of the Breakfast, COIN and Charades builders."""
+
     BUILDER_CONFIGS = [video_config()]
     DATASET = ""
     MIN_PATH_PARTS = 1
 
-    def __init__(self, *, num_workers: int = 0, resume: bool = True, **kwargs):
+    def __init__(
+        self, *, num_workers: int = 0, resume: bool = True, strict: bool = False, **kwargs
+    ):
         """Args: num_workers: decoding processes (0 decodes in this process);
-        resume: keep each decoded video in a cache file so that a re-run reuses it."""
+        resume: keep each decoded video in a cache file so that a re-run reuses it;
+        strict: raise the first malformed annotation instead of skipping its video."""
         super().__init__(**kwargs)
         self.num_workers = num_workers
         self.resume = resume
+        self.strict = strict
         self.skipped: list[dict[str, str]] = []
         self.cache_dir: Path | None = None
 
@@ -164,18 +186,26 @@ class _RealVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             metadata=tfds.core.MetadataDict(),
         )
 
-    def _read_annotations(self, manual_dir: Path) -> tuple[list[ann.VideoItem], dict]:
-        """(items, task -> class names) from the manual dir."""
+    def _read_annotations(
+        self, manual_dir: Path
+    ) -> tuple[list[ann.VideoItem], list[ann.BadVideo], dict]:
+        """(items, videos with a malformed annotation, task -> class names)."""
         raise NotImplementedError
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = Path(dl_manager.manual_dir)
-        items, names = self._read_annotations(manual_dir)
+        items, bad, names = self._read_annotations(manual_dir)
+        if bad and self.strict:
+            raise bad[0].error
         self.info.metadata["tasks"] = {
             task: {"type": TASKS[self.DATASET][task][0], "names": list(names[task])}
             for task in TASKS[self.DATASET]
         }
         index = ann.index_videos(manual_dir)
+        used = set()  # videos accounted for, so not reported as unlabelled
+        for entry in bad:
+            self._skip(entry.split, entry.key, entry.video, f"bad annotation: {entry.error}")
+            used.add(ann.find_video(index, entry.video, self.MIN_PATH_PARTS))
         by_split: dict[str, list[tuple[ann.VideoItem, Path]]] = {}
         for item in items:
             path = ann.find_video(index, item.video, self.MIN_PATH_PARTS)
@@ -183,7 +213,7 @@ class _RealVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                 self._skip(item.split, item.key, item.video, "missing video")
             else:
                 by_split.setdefault(item.split, []).append((item, path))
-        used = {path for pairs in by_split.values() for _, path in pairs}
+        used |= {path for pairs in by_split.values() for _, path in pairs}
         for path in sorted({p for p in index.values() if p is not None} - used):
             if not self._ignored(path):
                 rel = path.relative_to(manual_dir).as_posix()
@@ -259,12 +289,12 @@ class Breakfast(_RealVideoBuilder):
         return path.stem.endswith("_ch1")  # The second stereo channel; only ch0 counts.
 
     def _read_annotations(self, manual_dir):
-        items = ann.breakfast_items(manual_dir, test_participants=range(47, 55))
+        items, bad = ann.breakfast_items(manual_dir, test_participants=range(47, 55))
         names = {
             "activity": ann.BREAKFAST_ACTIVITY_PROMPTS,
             "actions": [ann.breakfast_action_prompt(a) for a in ann.BREAKFAST_ACTIONS],
         }
-        return items, names
+        return items, bad, names
 
 
 class Coin(_RealVideoBuilder):
@@ -274,8 +304,8 @@ class Coin(_RealVideoBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Manual dir: COIN.json and videos/<recipe_type>/<id>.mp4."
 
     def _read_annotations(self, manual_dir):
-        items, tasks, steps = ann.coin_items(manual_dir / "COIN.json")
-        return items, {"task": tasks, "step": steps}
+        items, bad, tasks, steps = ann.coin_items(manual_dir / "COIN.json")
+        return items, bad, {"task": tasks, "step": steps}
 
 
 class Charades(_RealVideoBuilder):
@@ -288,12 +318,14 @@ class Charades(_RealVideoBuilder):
 
     def _read_annotations(self, manual_dir):
         classes = ann.charades_classes(manual_dir / "Charades_v1_classes.txt")
-        items = [
-            item
-            for split in ("train", "test")
-            for item in ann.charades_items(manual_dir / f"Charades_v1_{split}.csv", split)
-        ]
-        return items, {"action": classes}
+        items, bad = [], []
+        for split in ("train", "test"):
+            split_items, split_bad = ann.charades_items(
+                manual_dir / f"Charades_v1_{split}.csv", split
+            )
+            items += split_items
+            bad += split_bad
+        return items, bad, {"action": classes}
 
 
 @dataclasses.dataclass(eq=True)
@@ -318,11 +350,9 @@ def kitchen_config(spec: causal_kitchen.KitchenSpec) -> KitchenConfig:
     return KitchenConfig(name=name, spec=spec)
 
 
-class CausalKitchen(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class CausalKitchen(_Builder, skip_registration=True):
     """CausalKitchen (see `causal_kitchen`): splits train, test_iid, test_shifted, val_shifted."""
 
-    code_path = None  # As for `_RealVideoBuilder`.
-    VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [kitchen_config(causal_kitchen.KitchenSpec())]
 
     def _info(self) -> tfds.core.DatasetInfo:

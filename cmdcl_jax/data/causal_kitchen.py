@@ -1,4 +1,4 @@
-"""CausalKitchen: the embedded synthetic benchmark of DATA.md, generated with NumPy.
+"""CausalKitchen: the embedded synthetic benchmark of docs/data.md, generated with NumPy.
 
 A video shows the atomic actions of one activity (recipe) in order, one moving glyph per
 action (shape, colour, motion), over a background. Causal structures built in:

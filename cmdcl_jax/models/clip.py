@@ -190,8 +190,17 @@ class ClipText(nnx.Module):
 
         Causal self-attention; pooled at the first ``eos_token_id`` (at the largest id for
         configs with the legacy ``eos_token_id == 2``, as ``transformers`` does).
+
+        Raises:
+          ValueError: S is longer than the position table (``max_position_embeddings``).
         """
         s = input_ids.shape[1]
+        limit = self.position_embedding.shape[0]
+        if s > limit:
+            raise ValueError(
+                f"CLIP text of {s} tokens is longer than the model's "
+                f"max_position_embeddings={limit}; truncate it to {limit} tokens"
+            )
         x = self.token_embedding(input_ids) + self.position_embedding[:s]  # [C, S, D]
         mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
         for layer in self.layers:

@@ -1,6 +1,6 @@
 """CMDCL: frozen CLIP + TCI + TimeSformer/STA + VCI + Q-Former classifier.
 
-The composed model of ``shared/design/MODEL.md``. Notation: B batch, L frames, C classes,
+The composed model of ``docs/model.md``. Notation: B batch, L frames, C classes,
 D the CLIP joint width, Dv the TimeSformer width.
 
 Choices beyond the paper, each a field of :class:`CMDCLConfig`:

@@ -1,4 +1,4 @@
-"""The two causal interventions of CMDCL (paper Sec. 3.2; ``shared/design/MODEL.md``).
+"""The two causal interventions of CMDCL (paper Sec. 3.2; ``docs/model.md``).
 
 Notation: B batch, L frames, C classes, D joint embedding width.
 

@@ -1,7 +1,7 @@
 """BLIP-2 Q-Former, parameter-compatible with Hugging Face ``Blip2QFormerModel`` driven by
 ``query_embeds`` alone (no text input).
 
-In CMDCL (``MODEL.md``, classifier) the C class queries ``T'`` self-attend, cross-attend to
+In CMDCL (``docs/model.md``, classifier) the C class queries ``T'`` self-attend, cross-attend to
 the video tokens ``V'`` and pass an MLP. Only the query path is ported: the text-branch
 weights of a checkpoint (``intermediate``/``output``) are left unread.
 """

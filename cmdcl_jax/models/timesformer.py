@@ -2,7 +2,7 @@
 Hugging Face ``TimesformerModel``.
 
 CMDCL's visual causal intervention encodes the sampled frames with this model and averages
-its patch tokens per frame (``MODEL.md``, VCI). ``Timesformer.from_pretrained`` reads a
+its patch tokens per frame (``docs/model.md``, VCI). ``Timesformer.from_pretrained`` reads a
 ``save_pretrained`` directory (or a hub id) of ``TimesformerModel`` or
 ``TimesformerForVideoClassification`` (its classifier is ignored) without PyTorch.
 
@@ -193,9 +193,11 @@ class Timesformer(nnx.Module):
     Frame count: T comes from the input. When it differs from ``cfg.num_frames`` the time
     embeddings are resized by linear interpolation over time (``jax.image.resize``,
     half-pixel centres, no antialiasing); Hugging Face uses nearest-neighbour here.
-    Frame size: H and W must be multiples of ``patch_size``; when the patch grid differs
-    from the checkpoint's, the spatial position embeddings are resized bilinearly (same
-    rule; Hugging Face uses nearest). The class token's position embedding is kept.
+    Frame size: the frame is cut into a grid of H // p by W // p patches (p =
+    ``patch_size``); rows and columns past the last whole patch are dropped, as Hugging
+    Face's strided patch convolution does. When the grid differs from the checkpoint's,
+    the spatial position embeddings are resized bilinearly (same rule; Hugging Face uses
+    nearest). The class token's position embedding is kept.
 
     No dropout or stochastic depth is ported (the released checkpoints use none at
     fine-tuning time), so ``deterministic`` changes nothing; it is there for the common
@@ -260,15 +262,18 @@ class Timesformer(nnx.Module):
 
         Returns:
           ``(tokens, cls)`` after the final LayerNorm: patch tokens [B, T, N, D] with
-          N = (H/p)*(W/p) in row-major patch order, and the class token [B, D].
+          N = (H // p) * (W // p) in row-major patch order, and the class token [B, D].
+
+        Raises:
+          ValueError: a frame smaller than one patch.
         """
         del deterministic
         b, t, h, w, c = pixels.shape
         p = self.cfg.patch_size
-        if h % p or w % p:
-            raise ValueError(f"frame size {h}x{w} is not a multiple of the patch size {p}")
+        if h < p or w < p:
+            raise ValueError(f"frame size {h}x{w} is smaller than the patch size {p}")
         x = pixels.reshape(b * t, h, w, c).astype(self.dtype or pixels.dtype)  # [B*T, H, W, C]
-        x = self.patch_embed(x)  # [B*T, H/p, W/p, D]
+        x = self.patch_embed(x)  # [B*T, H // p, W // p, D]: VALID, the remainder dropped
         d = x.shape[-1]
         x = x.reshape(b, t, -1, d)  # [B, T, N, D]
         pos = self.pos_embed[...][0].astype(x.dtype)  # [1+N0, D]

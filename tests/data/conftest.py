@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: tiny manual dirs in the real formats of DATA.md."""
+"""Fixtures for the data tests: tiny manual dirs in the real formats of docs/data.md."""
 
 import json
 from pathlib import Path
@@ -29,13 +29,18 @@ def _write_corrupt(path: Path) -> None:
 
 
 def write_breakfast(root: Path) -> Path:
-    """Breakfast copy: train P03 (cam01), P16 (stereo01 -> stereo/_ch0), P04 (corrupt);
-    test P47 (webcam01), P50 (missing video); P05 has a video but no label file."""
+    """Breakfast copy: train P03 (cam01), P16 (stereo01 -> stereo/_ch0), P04 (stereo01, with
+    the real files' zero-length segments `1-0 SIL` and `15-14 SIL`; and cam01, corrupt),
+    P46 (line 3 malformed); test P47 (webcam01), P50 (missing video); P05 has a video but
+    no label file."""
     coarse = root / "segmentation_coarse"
     labels = {
         "cereals/P03_cam01_P03_cereals.txt": "1-5 SIL  \n6-15 take_bowl\n16-20 pour_cereals\n",
         "milk/P16_stereo01_P16_milk.txt": "1-4 SIL\n5-18 pour_milk\n19-20 SIL\n",
+        "friedegg/P04_stereo01_P04_friedegg.txt": "1-0 SIL\n1-14 crack_egg\n15-14 SIL\n"
+        "15-20 fry_egg\n",
         "coffee/P04_cam01_P04_coffee.txt": "1-20 pour_coffee\n",
+        "sandwich/P46_cam01_P46_sandwich.txt": "1-4 SIL\n5-12 cut_bun\n13-20 smear butter\n",
         "tea/P47_webcam01_P47_tea.txt": "3-12 add_teabag\n13-18 stir_tea\n",
         "juice/P50_cam02_P50_juice.txt": "1-20 squeeze_orange\n",
     }
@@ -43,6 +48,7 @@ def write_breakfast(root: Path) -> Path:
         (coarse / name).parent.mkdir(parents=True, exist_ok=True)
         (coarse / name).write_text(text)
     for video in ("P03/cam01/P03_cereals", "P16/stereo/P16_milk_ch0", "P16/stereo/P16_milk_ch1",
+                  "P04/stereo/P04_friedegg_ch0", "P46/cam01/P46_sandwich",
                   "P47/webcam01/P47_tea", "P05/cam01/P05_pancake"):  # fmt: skip
         _write_ramp(root / "videos" / f"{video}.avi")
     _write_corrupt(root / "videos" / "P04/cam01/P04_coffee.avi")
@@ -50,7 +56,8 @@ def write_breakfast(root: Path) -> Path:
 
 
 def write_coin(root: Path) -> Path:
-    """COIN copy: two training videos, one testing, one testing video missing."""
+    """COIN copy: two training videos, one testing, one testing video missing, one training
+    video whose entry has a step id out of range."""
 
     def entry(task, cls, subset, steps):
         return {
@@ -67,16 +74,18 @@ def write_coin(root: Path) -> Path:
         "vidB": entry(3, "MakeFrenchFries", "training", [15]),
         "vidC": entry(177, "ReplaceLaptopCDDrive", "testing", [778, 1]),
         "vidGone": entry(0, "AssembleBed", "testing", [2]),
+        "vidBad": entry(5, "MakeTea", "training", [0]),
     }
     root.mkdir(parents=True, exist_ok=True)
     (root / "COIN.json").write_text(json.dumps({"database": database}))
-    for video in ("3/vidA", "3/vidB", "177/vidC"):
+    for video in ("3/vidA", "3/vidB", "177/vidC", "5/vidBad"):
         _write_ramp(root / "videos" / f"{video}.mp4")
     return root
 
 
 def write_charades(root: Path) -> Path:
-    """Charades copy: quoted fields with commas, an empty and odd action entries, CRLF classes."""
+    """Charades copy: quoted fields with commas, an empty and odd action entries, CRLF classes;
+    test row EEEEE (line 3) has an action entry without its end time."""
     root.mkdir(parents=True, exist_ok=True)
     classes = "".join(f"c{i:03d} Doing thing number {i}\r\n" for i in range(157))
     (root / "Charades_v1_classes.txt").write_bytes(classes.encode())
@@ -90,10 +99,14 @@ def write_charades(root: Path) -> Path:
         'BBBBB,S2,Bedroom,5,7,Yes,"Sits.",chair,"Sits down",,25.0',
         'CCCCC,S3,Hallway,5,6,No,"Odd.",,"",c001 5.00 3.00;c156 2.00 99.00;,10.0',
     ]
-    test = [header, 'DDDDD,S4,Garage,7,7,Yes,"Walks, then stops.",,"",c000 0.0 1.0,8.0']
+    test = [
+        header,
+        'DDDDD,S4,Garage,7,7,Yes,"Walks, then stops.",,"",c000 0.0 1.0,8.0',
+        "EEEEE,S5,Garage,7,7,Yes,x,,,c010 1.0,8.0",
+    ]
     (root / "Charades_v1_train.csv").write_text("\n".join(train) + "\n")
     (root / "Charades_v1_test.csv").write_text("\n".join(test) + "\n")
-    for video in ("AAAAA", "BBBBB", "CCCCC", "DDDDD"):
+    for video in ("AAAAA", "BBBBB", "CCCCC", "DDDDD", "EEEEE"):
         _write_ramp(root / "Charades_v1" / f"{video}.mp4")
     return root
 

@@ -1,4 +1,7 @@
-"""Fields every run config shares; each config file overrides what it needs."""
+"""Fields every run config shares; each file in `configs/` overrides what it needs.
+
+It lives in the package, so that a config file loads by path from any directory.
+"""
 
 import ml_collections
 
