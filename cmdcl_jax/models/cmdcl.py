@@ -5,7 +5,17 @@ D the CLIP joint width, Dv the TimeSformer width.
 
 Choices beyond the paper, each a field of :class:`CMDCLConfig`:
 
-* ``h`` and ``g`` are ``LayerNorm(anchor + MLP([anchor; evidence]))`` (``interventions``).
+* ``h`` and ``g`` are ``LayerNorm(skip + MLP([anchor; evidence]))`` (``interventions``):
+  ``h``'s skip is its anchor ``T``; ``g``'s (``g_residual``) is its evidence ``Vhat``.
+  Measured (``benchmarks/vci_diagnostics.py``, tiny model at initialisation): with the
+  skip on ``T'`` ("anchor") g's MLP branch has norm 0.06 against ``|T'|`` 5.7, so ``V'``
+  is 0.03 % video and 99.97 % class, the logits' spread across videos is 1e-5, the
+  video path's gradient 1e-4 of the head's, and the VCI variants never leave ln C; with
+  the skip on ``Vhat`` ``V'`` is 97 % video and the video path's gradient 200x larger.
+* ``T'`` leaves TCI (or ``T`` when TCI is off) at one norm, ``text_scale``: "rms" (unit
+  RMS per channel, norm sqrt(D), the scale of ``VH`` it multiplies in the fine-grained
+  scores) or "unit" (CLIP's sphere). Without it ``T'`` had norm 1 without TCI and
+  sqrt(D) with it, so switching TCI also changed VCI's effective temperature sqrt(D)-fold.
 * The video tokens are TimeSformer patch tokens averaged per frame, then ``Linear(Dv, D)``.
 * With ``vci=False`` the Q-Former cross-attends to those L frame tokens; with ``vci=True``
   to the C class-wise deconfounded tokens ``V'``.
@@ -65,6 +75,9 @@ class CMDCLConfig:
       tci, vci: the two interventions (paper Table 3 variants).
       tau_t, tau_v: temperatures of the bias-aware and fine-grained scores.
       learn_temperature: learn both temperatures in log space.
+      g_residual: skip connection of VCI's approximator g: "evidence" (Vhat), "anchor"
+        (T') or "none".
+      text_scale: norm of T' entering VCI and the classifier: "rms" (sqrt(D)) or "unit".
       class_chunk: classes per step of the fine-grained scores (<= 0: all at once).
       prompt_template: text prompt per class, ``{}`` is the class name.
       dropout: dropout rate on the Q-Former output before the head (training only).
