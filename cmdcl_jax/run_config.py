@@ -27,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "base"  # CMDCLConfig.base() or .tiny(); the fields below override it
+    # Tiny preset only: width of its CLIP, TimeSformer and Q-Former (default 32).
+    c.model.width = ml_collections.FieldReference(None, field_type=int)
     c.model.clip = ml_collections.FieldReference(None, field_type=str)
     c.model.timesformer = ml_collections.FieldReference(None, field_type=str)
     c.model.tci = True
@@ -37,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tau_v = ml_collections.FieldReference(None, field_type=float)
     c.model.g_residual = ml_collections.FieldReference(None, field_type=str)
     c.model.text_scale = ml_collections.FieldReference(None, field_type=str)
+    c.model.video_norm = ml_collections.FieldReference(None, field_type=bool)
     c.model.class_chunk = ml_collections.FieldReference(None, field_type=int)
     c.model.prompt_template = ml_collections.FieldReference(None, field_type=str)
     c.model.dropout = ml_collections.FieldReference(None, field_type=float)

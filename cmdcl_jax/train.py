@@ -78,9 +78,11 @@ def model_config(config: ml_collections.ConfigDict, task: Task, workdir: Path) -
     the class prompts, into ``<workdir>/tiny_clip`` (once) and uses it.
     """
     m = config.model.to_dict()
-    preset = m.pop("preset")
+    preset, width = m.pop("preset"), m.pop("width")
     fields = {k: v for k, v in m.items() if v is not None}
     if preset == "tiny":
+        width = 32 if width is None else width
+        fields["width"] = width
         if not fields.get("clip"):
             clip_dir = workdir.absolute() / "tiny_clip"
             template = fields.get("prompt_template", CMDCLConfig.tiny(clip="").prompt_template)
@@ -89,11 +91,14 @@ def model_config(config: ml_collections.ConfigDict, task: Task, workdir: Path) -
                     clip_dir,
                     [template, *task.class_names],
                     image_size=config.dataset.crop_size,
+                    width=width,
                 )
             multihost_utils.sync_global_devices("tiny clip written")
             fields["clip"] = str(clip_dir)
         return CMDCLConfig.tiny(**fields)
     if preset == "base":
+        if width is not None:
+            raise ValueError("config.model.width applies to the tiny preset only")
         return CMDCLConfig.base(**fields)
     raise ValueError(f"config.model.preset={preset!r}; expected 'base' or 'tiny'")
 

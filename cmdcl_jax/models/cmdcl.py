@@ -45,7 +45,7 @@ from cmdcl_jax.models.interventions import (
     fine_grained_pool,
     fine_grained_scores,
 )
-from cmdcl_jax.models.layers import dense, normalize
+from cmdcl_jax.models.layers import dense, layer_norm, normalize
 from cmdcl_jax.models.qformer import QFormer, QFormerConfig
 from cmdcl_jax.models.timesformer import Timesformer, TimesformerConfig
 
@@ -100,6 +100,7 @@ class CMDCLConfig:
     learn_temperature: bool = False
     g_residual: str = "evidence"
     text_scale: str = "rms"
+    video_norm: bool = True
     class_chunk: int = 64
     prompt_template: str = "a video of a person {}."
     dropout: float = 0.1
@@ -144,20 +145,21 @@ class CMDCLConfig:
         return cls(**{**fields, **overrides})
 
     @classmethod
-    def tiny(cls, clip: str, **overrides) -> CMDCLConfig:
+    def tiny(cls, clip: str, *, width: int = 32, **overrides) -> CMDCLConfig:
         """A CPU-sized model for tests and the demo. ``clip`` is a directory written by
-        :func:`cmdcl_jax.models.tiny_clip.write_tiny_clip` (width 32, 32px frames). The
-        random TimeSformer's time table has ``num_frames`` rows (no interpolation)."""
+        :func:`cmdcl_jax.models.tiny_clip.write_tiny_clip` at the same ``width`` (32px
+        frames). The random TimeSformer has that width and a time table of ``num_frames``
+        rows (no interpolation)."""
         fields = dict(
             clip=clip,
             timesformer="",
             qformer=QFormerConfig(
-                hidden_size=32,
+                hidden_size=width,
                 num_hidden_layers=1,
                 num_attention_heads=2,
-                intermediate_size=64,
+                intermediate_size=2 * width,
                 cross_attention_frequency=1,
-                encoder_hidden_size=32,
+                encoder_hidden_size=width,
             ),
             num_frames=8,
             sta_layers=1,
@@ -167,7 +169,12 @@ class CMDCLConfig:
         fields = {**fields, **overrides}
         fields.setdefault(
             "timesformer_arch",
-            dataclasses.replace(TimesformerConfig.tiny(), num_frames=fields["num_frames"]),
+            dataclasses.replace(
+                TimesformerConfig.tiny(),
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_frames=fields["num_frames"],
+            ),
         )
         return cls(**fields)
 
@@ -226,6 +233,7 @@ class CMDCL(nnx.Module):
         self.text_embeddings = nnx.Param(normalize(text))  # T [C, D], set to T0 on build
         self.timesformer = Timesformer(arch.timesformer, remat=cfg.remat, **kw)
         self.video_proj = dense(arch.timesformer.hidden_size, d, **kw)
+        self.video_norm = layer_norm(d, eps=1e-5, **kw) if cfg.video_norm else None
         self.tci_h = Approximator(d, **kw) if cfg.tci else None
         if cfg.vci:
             self.sta = STA(
@@ -295,6 +303,8 @@ class CMDCL(nnx.Module):
 
         tokens, _ = self.timesformer(self.timesformer.normalize(video))  # [B, L, N, Dv]
         v = self.video_proj(tokens.mean(axis=2))  # [B, L, D]
+        if self.video_norm is not None:
+            v = self.video_norm(v)
         aux["frames_video"] = v
         if self.sta is not None:
             vh = self.sta(v)  # [B, L, D]
