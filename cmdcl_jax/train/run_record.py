@@ -1,0 +1,206 @@
+"""``<workdir>/run.json``: the whole config of the run that owns the workdir's checkpoints.
+
+Training writes it (atomically) on first use and a copy into every checkpoint. A resumed
+run must have the same config, or stops naming the fields that changed unless told to
+accept them (``--allow_config_change``); the changes it accepts are listed in
+``config_changes``. ``--mode=eval`` and ``cmdcl_jax.predict`` need only the model and the
+classes to match. A damaged ``run.json`` is named, kept as ``run.json.damaged`` and
+rewritten from the newest checkpoint's copy (or from the config when there is no
+checkpoint yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ml_collections
+from absl import logging
+
+from cmdcl_jax import atomic
+from cmdcl_jax.models.cmdcl import CMDCLConfig
+
+# Fields that a resumed run may change freely: how the same computation is run or logged,
+# not what it computes (compute dtype, remat, evaluation batch, workers, intervals, mesh).
+RESUMABLE = frozenset(
+    {
+        "config.model.dtype",
+        "config.model.remat",
+        "model.dtype",
+        "model.remat",
+        "config.eval.batch_size",
+        "config.eval.every_steps",
+        "config.dataset.num_workers",
+        "config.log_every",
+        "config.checkpoint.every_steps",
+        "config.checkpoint.keep",
+        "config.checkpoint.async_save",
+        "config.mesh.data",
+        "config.mesh.fsdp",
+    }
+)
+COMPARED = ("config", "kind", "class_names", "model")  # the rest is derived from these
+# What evaluating or predicting with a checkpoint needs to match.
+IDENTITY = ("config.dataset.name", "config.dataset.task", "kind", "class_names", "model.")
+REQUIRED = ("dataset", "task", "kind", "class_names", "model", "inference", "config")
+
+
+class RunRecordError(ValueError):
+    """``run.json`` is damaged, or describes another run than this config."""
+
+
+def make_record(
+    config: ml_collections.ConfigDict, task, model_cfg: CMDCLConfig, workdir: Path
+) -> dict:
+    """``run.json``'s content for a run of ``config`` on ``task`` with ``model_cfg``; a
+    CLIP inside ``workdir`` (the tiny one) is recorded relative to it, so that a moved
+    workdir is the same run."""
+    d = config.dataset
+    model = dataclasses.asdict(model_cfg)
+    inside = workdir.absolute()
+    if Path(model["clip"]).is_relative_to(inside):
+        model["clip"] = Path(model["clip"]).relative_to(inside).as_posix()
+    record = {
+        "dataset": task.dataset,
+        "task": task.task,
+        "kind": task.kind,
+        "class_names": list(task.class_names),
+        "data_config": task.data_config,
+        "model": model,
+        "inference": {"num_frames": d.num_frames, "crop_size": d.crop_size},
+        "config": config.to_dict(),
+    }
+    return json.loads(json.dumps(record))  # as read back: tuples become lists
+
+
+def model_config(record: dict, workdir: Path) -> CMDCLConfig:
+    """The model config a record describes, its CLIP found in ``workdir`` when there."""
+    fields = dict(record["model"])
+    if (workdir / fields["clip"]).is_dir():
+        fields["clip"] = str(workdir.absolute() / fields["clip"])
+    return CMDCLConfig.from_dict(fields)
+
+
+def read(workdir: Path) -> dict:
+    """The workdir's ``run.json``.
+
+    Raises:
+      FileNotFoundError: there is none.
+      RunRecordError: it is damaged (not JSON, or a key missing), naming the file.
+    """
+    file = workdir / "run.json"
+    text = file.read_text()
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RunRecordError(f"{file}: damaged, not JSON ({len(text)} bytes: {err})") from None
+    missing = [k for k in REQUIRED if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise RunRecordError(f"{file}: damaged, no {', '.join(missing)}")
+    return record
+
+
+def _flat(record: dict) -> dict:
+    out = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = value
+
+    for key in COMPARED:
+        walk(key, record.get(key))
+    return out
+
+
+def changes(old: dict, new: dict) -> dict[str, tuple]:
+    """``{field: (old value, new value)}`` for every compared field that differs."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _listing(diff: dict[str, tuple]) -> str:
+    return "".join(
+        f"\n  {k}: {json.dumps(old)} -> {json.dumps(new)}" for k, (old, new) in diff.items()
+    )
+
+
+def load(workdir: Path, recover: Callable[[], dict | None]) -> tuple[dict | None, str | None]:
+    """(the workdir's record, or None if it has none; why ``run.json`` is damaged, or None).
+
+    A damaged ``run.json`` is replaced in memory by ``recover()`` (the newest checkpoint's
+    copy); with neither, a workdir that has checkpoints raises.
+    """
+    try:
+        return read(workdir), None
+    except FileNotFoundError:
+        return None, None
+    except RunRecordError as err:
+        return recover(), str(err)
+
+
+def check_identity(workdir: Path, record: dict, previous: dict) -> None:
+    """Refuses a workdir whose run has another model or classes (evaluation, prediction)."""
+    diff = {k: v for k, v in changes(previous, record).items() if k.startswith(IDENTITY)}
+    diff.pop("model.dtype", None), diff.pop("model.remat", None)
+    if diff:
+        raise RunRecordError(
+            f"{workdir / 'run.json'}: {workdir} holds a run of another model or task; these "
+            f"fields differ:{_listing(diff)}"
+        )
+
+
+def reconcile(
+    workdir: Path,
+    record: dict,
+    *,
+    latest_step: int | None,
+    allow_config_change: bool,
+    recover: Callable[[], dict | None],
+    write: bool = True,
+) -> dict:
+    """Training's check of ``run.json`` against this run's ``record``, then its (re)write
+    (by the process with ``write``). Returns the record as written.
+
+    Raises:
+      RunRecordError: fields outside :data:`RESUMABLE` changed and ``allow_config_change``
+        is False (listing them); or ``run.json`` is damaged with checkpoints and no copy.
+    """
+    file = workdir / "run.json"
+    previous, damage = load(workdir, recover)
+    if damage is not None:
+        if previous is None and latest_step is not None:
+            raise RunRecordError(
+                f"{damage}; no checkpoint holds a copy, so the config of the checkpoints in "
+                f"{workdir / 'checkpoints'} is unknown: restore the file or use a new --workdir"
+            )
+        source = "the newest checkpoint's copy" if previous else "this config (no checkpoint)"
+        logging.warning("%s; kept as %s.damaged, rewritten from %s", damage, file.name, source)
+        if write:
+            file.replace(file.with_name(f"{file.name}.damaged"))
+    if previous is None:
+        if write:
+            atomic.write_text(file, json.dumps(record, indent=2))
+        return record
+    diff = changes(previous, record)
+    blocking = {k: v for k, v in diff.items() if k not in RESUMABLE}
+    if blocking and not allow_config_change:
+        raise RunRecordError(
+            f"{file}: this config differs from the one that trained the checkpoints in "
+            f"{workdir}:{_listing(blocking)}\nPass --allow_config_change to resume with these "
+            "changes, or use a new --workdir"
+        )
+    history = previous.get("config_changes", [])
+    if blocking:
+        logging.warning("%s: resuming with changed config:%s", file, _listing(blocking))
+        entry = {"step": latest_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        history = [*history, {**entry, "changes": {k: list(v) for k, v in blocking.items()}}]
+    record = {**record, "config_changes": history}
+    if write and (diff or damage is not None):
+        atomic.write_text(file, json.dumps(record, indent=2))
+    return record
