@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
 from cmdcl_jax.cli import quiet_logs
@@ -43,13 +43,7 @@ def load_model(workdir: Path, step: int | None = None) -> tuple[nnx.Module, dict
       CheckpointMismatchError: the checkpoint's arrays do not fill the model exactly.
     """
     checkpoints = Checkpoints(workdir, read_only=True)
-    run, damage = run_record.load(workdir, checkpoints.run_record)
-    if run is None:
-        raise run_record.RunRecordError(
-            damage or f"{workdir / 'run.json'}: missing; is {workdir} a training workdir?"
-        )
-    if damage is not None:
-        logging.warning("%s; using the newest checkpoint's copy", damage)
+    run = run_record.load_trained(workdir, checkpoints.run_record)
     model = build_cmdcl(run_record.model_config(run, workdir), run["class_names"])
     restored, _, step = checkpoints.restore({"params": nnx.state(model, TRAINABLE)}, step=step)
     saved_run = checkpoints.run_record(step)

@@ -226,10 +226,10 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(
 ):
     """Also shows that the final checkpoint is saved before the evaluation starts."""
     steps = checkpoint_steps(run_copy)
-    state_dir = run_copy / "checkpoints" / "300" / "state"
-    data_file = max(state_dir.rglob("d/*"), key=lambda p: p.stat().st_size)
-    data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
-    damaged = snapshot(run_copy / "checkpoints" / "300")
+    newest = run_copy / "checkpoints" / "300"
+    for data_file in newest.glob("state/**/d/*"):  # the array data, cut short
+        data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
+    damaged = snapshot(newest)
 
     def failing(*args):
         raise RuntimeError("evaluation failed")
@@ -237,7 +237,9 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(
     monkeypatch.setattr(loop, "evaluate_splits", failing)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         train.train_and_evaluate(synthetic(data_dir, **{"eval.every_steps": 100}), run_copy)
-    assert f"checkpoint step 300 is damaged ({state_dir}" in caplog.text
+    assert f"checkpoint step 300 is damaged ({newest}" in caplog.text
+    assert 'OUT_OF_RANGE: Error reading "' in caplog.text
+    assert f'local file "{newest}/state/' in caplog.text
     assert snapshot(run_copy / "damaged_checkpoints" / "300") == damaged
     assert checkpoint_steps(run_copy) == steps
     want, got = saved_state(trained[0], 300), saved_state(run_copy, 300)

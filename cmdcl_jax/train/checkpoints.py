@@ -64,7 +64,7 @@ def fit_errors(saved: dict, expected: dict) -> list[str]:
 def _root_cause(err: BaseException) -> str:
     while err.__cause__ is not None:
         err = err.__cause__
-    return str(err).strip().splitlines()[0][:400]
+    return str(err).strip().splitlines()[0][:1000]
 
 
 class Checkpoints:

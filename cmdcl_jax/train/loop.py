@@ -198,13 +198,7 @@ def evaluate_checkpoint(
     validation.check_config(config, jax.process_count())
     task, model_cfg = _prepare(config, workdir, training=False)
     checkpoints = Checkpoints(workdir, read_only=True)
-    previous, damage = run_record.load(workdir, checkpoints.run_record)
-    if previous is None:
-        raise run_record.RunRecordError(
-            damage or f"{workdir / 'run.json'}: missing; is {workdir} a training workdir?"
-        )
-    if damage is not None:
-        logging.warning("%s; using the newest checkpoint's copy", damage)
+    previous = run_record.load_trained(workdir, checkpoints.run_record)
     record = run_record.make_record(config, task, model_cfg, workdir)
     run_record.check_identity(workdir, record, previous)
     setup.ensure_tiny_clip(model_cfg, task, workdir, config.dataset.crop_size)

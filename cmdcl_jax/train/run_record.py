@@ -72,6 +72,7 @@ def make_record(
         "model": model,
         "inference": {"num_frames": d.num_frames, "crop_size": d.crop_size},
         "config": config.to_dict(),
+        "config_changes": [],  # [{"step", "time", "changes": {field: [old, new]}}]
     }
     return json.loads(json.dumps(record))  # as read back: tuples become lists
 
@@ -142,6 +143,23 @@ def load(workdir: Path, recover: Callable[[], dict | None]) -> tuple[dict | None
         return None, None
     except RunRecordError as err:
         return recover(), str(err)
+
+
+def load_trained(workdir: Path, recover: Callable[[], dict | None]) -> dict:
+    """The record of a trained workdir, for evaluation and prediction: :func:`load`, with a
+    warning when it comes from the checkpoint's copy.
+
+    Raises:
+      RunRecordError: ``run.json`` is missing, or damaged with no copy.
+    """
+    record, damage = load(workdir, recover)
+    if record is None:
+        raise RunRecordError(
+            damage or f"{workdir / 'run.json'}: missing; is {workdir} a training workdir?"
+        )
+    if damage is not None:
+        logging.warning("%s; using the newest checkpoint's copy", damage)
+    return record
 
 
 def check_identity(workdir: Path, record: dict, previous: dict) -> None:
