@@ -238,8 +238,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(
     with pytest.raises(RuntimeError, match="evaluation failed"):
         train.train_and_evaluate(synthetic(data_dir, **{"eval.every_steps": 100}), run_copy)
     assert f"checkpoint step 300 is damaged ({newest}" in caplog.text
-    assert 'OUT_OF_RANGE: Error reading "' in caplog.text
-    assert f'local file "{newest}/state/' in caplog.text
+    assert f'of local file "{newest}/state/d/' in caplog.text  # the damaged file
     assert snapshot(run_copy / "damaged_checkpoints" / "300") == damaged
     assert checkpoint_steps(run_copy) == steps
     want, got = saved_state(trained[0], 300), saved_state(run_copy, 300)

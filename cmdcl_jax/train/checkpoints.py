@@ -62,9 +62,10 @@ def fit_errors(saved: dict, expected: dict) -> list[str]:
 
 
 def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost error, without TensorStore's spec dump."""
     while err.__cause__ is not None:
         err = err.__cause__
-    return str(err).strip().splitlines()[0][:1000]
+    return str(err).strip().splitlines()[0].split(" [tensorstore_spec=")[0]
 
 
 class Checkpoints:
@@ -133,34 +134,27 @@ class Checkpoints:
           (restored state, iterator or None, the step restored).
 
         Raises:
-          FileNotFoundError: no checkpoint.
+          FileNotFoundError: no checkpoint (or no checkpoint ``step``).
           CheckpointMismatchError: the checkpoint is of another model (no fallback).
           DamagedCheckpointError: ``step`` (or every checkpoint) is unreadable.
         """
-        steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if step not in (None, *steps):
+            raise FileNotFoundError(f"no checkpoint step {step} in {self.manager.directory}")
+        steps = steps if step is None else [step]
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         damaged = []
         for s in steps:
-            where = self.manager.directory / str(s)
             try:
-                saved = self.manager.item_metadata(s)["state"]
-                errors = fit_errors(getattr(saved, "tree", saved), abstract)
-            except Exception as err:  # noqa: BLE001 - any failure to read metadata is damage
-                errors, damage = None, f"{where}/state: {_root_cause(err)}"
-            if errors:
-                raise CheckpointMismatchError(
-                    f"checkpoint {where} does not fit this model ({len(errors)} arrays): "
-                    + "; ".join(errors[:10])
-                )
-            if errors is not None:
-                try:
-                    return (*self._read(s, abstract, train_iter), s)
-                except Exception as err:  # noqa: BLE001 - TensorStore's errors have no common type
-                    damage = f"{where}: {_root_cause(err)}"
+                return (*self._read(s, abstract, train_iter), s)
+            except CheckpointMismatchError:
+                raise
+            except Exception as err:  # noqa: BLE001 - TensorStore's errors have no common type
+                damage = f"{self.manager.directory / str(s)}: {_root_cause(err)}"
             if step is not None:
-                raise DamagedCheckpointError(f"checkpoint step {s} is damaged: {damage}")
+                raise DamagedCheckpointError(f"checkpoint step {s} is damaged ({damage})")
             logging.warning(
                 "checkpoint step %d is damaged (%s); trying the previous one", s, damage
             )
@@ -171,6 +165,14 @@ class Checkpoints:
         )
 
     def _read(self, step: int, abstract, train_iter):
+        """(state, iterator) of ``step``, once its arrays are checked against ``abstract``."""
+        saved = self.manager.item_metadata(step)["state"]
+        errors = fit_errors(getattr(saved, "tree", saved), abstract)
+        if errors:
+            raise CheckpointMismatchError(
+                f"checkpoint {self.manager.directory / str(step)} does not fit this model "
+                f"({len(errors)} arrays): " + "; ".join(errors[:10])
+            )
         args = {
             "state": ocp.args.PyTreeRestore(
                 abstract,
