@@ -22,12 +22,12 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(data_dir, tmp_path_factory):
-    """A full default synthetic run (300 steps on 8 CPU devices, evaluated every 100):
-    (workdir, final results). Tests that change the workdir work on a copy."""
-    from synthetic_runs import synthetic
+    """A full default synthetic run (300 steps on 8 CPU devices, evaluated every 100,
+    saved every 50): (workdir, final results). Tests that change the workdir use a copy."""
+    from synthetic_runs import TRAINED, synthetic
 
     from cmdcl_jax import train
 
     workdir = tmp_path_factory.mktemp("trained")
-    results = train.train_and_evaluate(synthetic(data_dir, **{"eval.every_steps": 100}), workdir)
-    return workdir, results
+    config = synthetic(data_dir, **TRAINED)
+    return workdir, train.train_and_evaluate(config, workdir)

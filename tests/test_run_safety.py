@@ -13,7 +13,14 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
-from synthetic_runs import checkpoint_steps, metrics_lines, saved_state, snapshot, synthetic
+from synthetic_runs import (
+    TRAINED,
+    checkpoint_steps,
+    metrics_lines,
+    saved_state,
+    snapshot,
+    synthetic,
+)
 
 from cmdcl_jax import atomic, train
 from cmdcl_jax.data import pipeline
@@ -121,7 +128,7 @@ def test_truncated_run_json_without_checkpoints_is_rewritten(tmp_path, caplog):
 
 def test_changed_config_is_listed_and_refused(run_copy, data_dir):
     before = snapshot(run_copy)
-    config = synthetic(data_dir, **{"train.learning_rate": 1e-3, "eval.every_steps": 100})
+    config = synthetic(data_dir, **{**TRAINED, "train.learning_rate": 1e-3})
     with pytest.raises(
         run_record.RunRecordError,
         match=r"config\.train\.learning_rate: 0\.003 -> 0\.001\nPass --allow_config_change",
@@ -199,7 +206,7 @@ def test_second_run_is_refused_naming_the_holder(run_copy, data_dir):
         with pytest.raises(
             WorkdirLockedError, match=f"in use by another run \\(PID {holder.pid} on "
         ):
-            train.train_and_evaluate(synthetic(data_dir, **{"eval.every_steps": 100}), run_copy)
+            train.train_and_evaluate(synthetic(data_dir, **TRAINED), run_copy)
         assert snapshot(run_copy) == before
     finally:
         holder.kill()
@@ -236,7 +243,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(
 
     monkeypatch.setattr(loop, "evaluate_splits", failing)
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        train.train_and_evaluate(synthetic(data_dir, **{"eval.every_steps": 100}), run_copy)
+        train.train_and_evaluate(synthetic(data_dir, **TRAINED), run_copy)
     assert f"checkpoint step 300 is damaged ({newest}" in caplog.text
     assert f'of local file "{newest}/state/d/' in caplog.text  # the damaged file
     assert snapshot(run_copy / "damaged_checkpoints" / "300") == damaged

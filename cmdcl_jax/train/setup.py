@@ -8,6 +8,7 @@ it into place when complete; a damaged one is named and rebuilt) and the tiny CL
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -126,15 +127,20 @@ def total_steps(config: ml_collections.ConfigDict, task: Task) -> int:
 def make_optimizer(t: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
     """Adam on a cosine schedule peaking at ``t.learning_rate`` (after optional warm-up),
     with global-norm gradient clipping (``t.grad_clip`` > 0)."""
+    return _optimizer(t.learning_rate, t.warmup_steps, t.grad_clip, t.adam_b1, t.adam_b2, num_steps)
+
+
+@functools.cache  # one object per setting: the compiled train step (static in it) is reused
+def _optimizer(learning_rate, warmup_steps, grad_clip, b1, b2, num_steps):
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if t.warmup_steps else t.learning_rate,
-        peak_value=t.learning_rate,
-        warmup_steps=t.warmup_steps,
-        decay_steps=max(num_steps, t.warmup_steps + 1),
+        init_value=0.0 if warmup_steps else learning_rate,
+        peak_value=learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=max(num_steps, warmup_steps + 1),
         end_value=0.0,
     )
-    parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
-    return optax.chain(*parts, optax.adam(schedule, b1=t.adam_b1, b2=t.adam_b2))
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    return optax.chain(*parts, optax.adam(schedule, b1=b1, b2=b2))
 
 
 @dataclasses.dataclass
