@@ -23,7 +23,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(data_dir, tmp_path_factory):
     """A full default synthetic run (300 steps on 8 CPU devices, evaluated every 100,
-    saved every 50): (workdir, final results). Tests that change the workdir use a copy."""
+    saved every 25): (workdir, final results). Tests that change the workdir use a copy."""
     from synthetic_runs import TRAINED, synthetic
 
     from cmdcl_jax import train

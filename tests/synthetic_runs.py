@@ -11,7 +11,7 @@ from pathlib import Path
 import orbax.checkpoint as ocp
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED = {"eval.every_steps": 100, "checkpoint.every_steps": 50}  # the shared run's overrides
+TRAINED = {"eval.every_steps": 100, "checkpoint.every_steps": 25}  # the shared run's overrides
 sys.path.insert(0, str(ROOT))  # the configs package, as `python -m cmdcl_jax.main` sees it
 
 

@@ -98,19 +98,22 @@ def test_truncated_run_json_is_named_and_restored_from_a_checkpoint(run_copy, ca
     with pytest.raises(run_record.RunRecordError, match=f"{file}: damaged, not JSON"):
         run_record.read(run_copy)
     checkpoints = Checkpoints(run_copy)
-    run_record.reconcile(
-        run_copy,
-        json.loads(original),
+    kwargs = dict(
         latest_step=checkpoints.latest_step(),
         allow_config_change=False,
         recover=checkpoints.run_record,
     )
+    run_record.reconcile(run_copy, json.loads(original), **kwargs)
     assert f"{file}: damaged, not JSON" in caplog.text
     assert json.loads(file.read_text()) == json.loads(original)
     after = snapshot(run_copy)
     assert after.pop("run.json.damaged") == before.pop("run.json")
     after.pop("run.json")
     assert after == before
+    file.unlink()  # a missing one too
+    run_record.reconcile(run_copy, json.loads(original), **kwargs)
+    assert f"{file}: missing; rewritten from the newest checkpoint's copy" in caplog.text
+    assert json.loads(file.read_text()) == json.loads(original)
 
 
 def test_truncated_run_json_without_checkpoints_is_rewritten(tmp_path, caplog):
@@ -119,7 +122,7 @@ def test_truncated_run_json_without_checkpoints_is_rewritten(tmp_path, caplog):
     kwargs = dict(latest_step=None, allow_config_change=False, recover=lambda: None)
     run_record.reconcile(tmp_path, record, **kwargs)
     assert "rewritten from this config (no checkpoint)" in caplog.text
-    assert run_record.read(tmp_path) == record
+    assert run_record.read(tmp_path) == {**record, "config_changes": []}
     assert (tmp_path / "run.json.damaged").read_text() == '{"dataset": "causal_ki'
     (tmp_path / "run.json").write_text("")  # with checkpoints and no copy: refused
     with pytest.raises(run_record.RunRecordError, match=r"run\.json: damaged.*restore the file"):

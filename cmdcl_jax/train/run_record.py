@@ -4,9 +4,9 @@ Training writes it (atomically) on first use and a copy into every checkpoint. A
 run must have the same config, or stops naming the fields that changed unless told to
 accept them (``--allow_config_change``); the changes it accepts are listed in
 ``config_changes``. ``--mode=eval`` and ``cmdcl_jax.predict`` need only the model and the
-classes to match. A damaged ``run.json`` is named, kept as ``run.json.damaged`` and
-rewritten from the newest checkpoint's copy (or from the config when there is no
-checkpoint yet).
+classes to match. A missing or damaged ``run.json`` is named and rewritten from the newest
+checkpoint's copy (or from the config when there is no checkpoint yet); a damaged one is
+kept as ``run.json.damaged``.
 """
 
 from __future__ import annotations
@@ -132,17 +132,18 @@ def _listing(diff: dict[str, tuple]) -> str:
 
 
 def load(workdir: Path, recover: Callable[[], dict | None]) -> tuple[dict | None, str | None]:
-    """(the workdir's record, or None if it has none; why ``run.json`` is damaged, or None).
+    """(the workdir's record or None; why ``run.json`` itself could not be used, or None).
 
-    A damaged ``run.json`` is replaced in memory by ``recover()`` (the newest checkpoint's
-    copy); with neither, a workdir that has checkpoints raises.
+    A missing or damaged ``run.json`` is replaced by ``recover()``: the newest checkpoint's
+    copy, None where no checkpoint has one.
     """
     try:
         return read(workdir), None
     except FileNotFoundError:
-        return None, None
+        problem = f"{workdir / 'run.json'}: missing"
     except RunRecordError as err:
-        return recover(), str(err)
+        problem = str(err)
+    return recover(), problem
 
 
 def load_trained(workdir: Path, recover: Callable[[], dict | None]) -> dict:
@@ -187,25 +188,17 @@ def reconcile(
 
     Raises:
       RunRecordError: fields outside :data:`RESUMABLE` changed and ``allow_config_change``
-        is False (listing them); or ``run.json`` is damaged with checkpoints and no copy.
+        is False (listing them); or ``run.json`` is missing or damaged in a workdir with
+        checkpoints and no copy.
     """
     file = workdir / "run.json"
-    previous, damage = load(workdir, recover)
-    if damage is not None:
-        if previous is None and latest_step is not None:
-            raise RunRecordError(
-                f"{damage}; no checkpoint holds a copy, so the config of the checkpoints in "
-                f"{workdir / 'checkpoints'} is unknown: restore the file or use a new --workdir"
-            )
-        source = "the newest checkpoint's copy" if previous else "this config (no checkpoint)"
-        logging.warning("%s; kept as %s.damaged, rewritten from %s", damage, file.name, source)
-        if write:
-            file.replace(file.with_name(f"{file.name}.damaged"))
-    if previous is None:
-        if write:
-            atomic.write_text(file, json.dumps(record, indent=2))
-        return record
-    diff = changes(previous, record)
+    previous, problem = load(workdir, recover)
+    if previous is None and latest_step is not None:
+        raise RunRecordError(
+            f"{problem}; no checkpoint holds a copy, so the config of the checkpoints in "
+            f"{workdir / 'checkpoints'} is unknown: restore the file or use a new --workdir"
+        )
+    diff = changes(previous, record) if previous is not None else {}
     blocking = {k: v for k, v in diff.items() if k not in RESUMABLE}
     if blocking and not allow_config_change:
         raise RunRecordError(
@@ -213,12 +206,18 @@ def reconcile(
             f"{workdir}:{_listing(blocking)}\nPass --allow_config_change to resume with these "
             "changes, or use a new --workdir"
         )
-    history = previous.get("config_changes", [])
+    if problem is not None and (previous is not None or file.exists()):
+        kept = f"kept as {file.name}.damaged, " if file.exists() else ""
+        source = "the newest checkpoint's copy" if previous else "this config (no checkpoint)"
+        logging.warning("%s; %srewritten from %s", problem, kept, source)
+        if write and file.exists():
+            file.replace(file.with_name(f"{file.name}.damaged"))
+    history = previous.get("config_changes", []) if previous is not None else []
     if blocking:
         logging.warning("%s: resuming with changed config:%s", file, _listing(blocking))
         entry = {"step": latest_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         history = [*history, {**entry, "changes": {k: list(v) for k, v in blocking.items()}}]
     record = {**record, "config_changes": history}
-    if write and (diff or damage is not None):
+    if write and (previous is None or diff or problem is not None):
         atomic.write_text(file, json.dumps(record, indent=2))
     return record
