@@ -229,6 +229,9 @@ def test_stale_lock_is_taken_over_and_another_host_is_refused(tmp_path, caplog):
     with pytest.raises(WorkdirLockedError, match=f"PID {gone.pid} on elsewhere"):
         WorkdirLock(tmp_path).__enter__()
     assert json.loads(lock_file.read_text())["host"] == "elsewhere"
+    lock_file.write_text("{")
+    with pytest.raises(WorkdirLockedError, match=f"{lock_file}: unreadable lock"):
+        WorkdirLock(tmp_path).__enter__()
 
 
 def test_corrupted_newest_checkpoint_falls_back_to_the_previous(

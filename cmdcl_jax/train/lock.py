@@ -69,10 +69,12 @@ class WorkdirLock:
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
 
     def _read(self) -> dict | None:
+        """The lock's holder; None if there is no lock or it cannot be read."""
         try:
-            return json.loads(self.path.read_text())
+            held = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
             return None
+        return held if isinstance(held, dict) and held.keys() == self.holder.keys() else None
 
     def __enter__(self) -> WorkdirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
