@@ -2,6 +2,8 @@
 
 ``--config.<key>=<value>`` overrides a field (a misspelt key fails, naming it);
 ``--mode=eval`` evaluates the latest (or ``--step``) checkpoint instead of training.
+A resumed run whose config changed stops, naming the fields, unless
+``--allow_config_change`` is given.
 Multi-host: pass ``--distributed`` (SLURM, TPU VMs and Kubernetes are detected by
 ``jax.distributed.initialize``) or the coordinator flags explicitly.
 """
@@ -20,6 +22,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, logs and metrics go here.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and evaluate) or eval.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step for --mode=eval (default latest).")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume although the config changed (recorded in run.json)."
+)
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
@@ -41,7 +46,9 @@ def main(argv):
         "process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count()
     )
     if _MODE.value == "train":
-        results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        results = train.train_and_evaluate(
+            _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value
+        )
     else:
         results = train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
     if jax.process_index() == 0:

@@ -44,7 +44,7 @@ def test_configs_load_by_path_from_another_directory(tmp_path):
     (site / "cmdcl_jax").symlink_to(PACKAGE)
     specs = {
         "synthetic.py": "causal_kitchen activity",
-        "synthetic.py:shifted": "causal_kitchen activity",
+        "synthetic.py:unconfounded": "causal_kitchen activity",
         "breakfast.py:actions": "breakfast actions",
         "coin.py:step": "coin step",
         "charades.py": "charades action",

@@ -59,21 +59,54 @@ def load_builder(dataset: str, data_dir: str, config: str | None = None):
     return tfds.builder_from_directory(dataset_dir(dataset, data_dir, config))
 
 
-def open_split(dataset: str, data_dir: str, split: str, config: str | None = None):
-    """The split's random-access data source, after checking that every shard opens.
+def check_split(builder, split: str) -> None:
+    """Checks that ``split`` exists and that each of its shards opens with its recorded
+    number of records.
 
     Raises:
+        KeyError: no such split, naming the splits there are.
         OSError: naming the first shard that cannot be read (truncated, overwritten).
     """
-    builder = load_builder(dataset, data_dir, config)
     if split not in builder.info.splits:
         raise KeyError(f"{builder.data_path}: no split {split!r}; has {list(builder.info.splits)}")
-    for path in sorted(Path(builder.data_path).glob(f"{dataset}-{split}.array_record-*")):
+    info = builder.info.splits[split]
+    for path, expected in zip(info.filepaths, info.shard_lengths, strict=True):
         try:
-            ArrayRecordReader(str(path)).close()
+            reader = ArrayRecordReader(str(path))
+            found = reader.num_records()
+            reader.close()
         except Exception as err:  # noqa: BLE001 - the reader's errors have no common type
             raise OSError(f"{path}: unreadable shard ({err}); prepare the dataset again") from err
-    return builder.as_data_source(split)
+        if found != expected:
+            raise OSError(f"{path}: {found} records, expected {expected}; prepare it again")
+
+
+class NamedShards:
+    """A split's data source whose read errors name the shard file (grain workers pickle it)."""
+
+    def __init__(self, source, paths: list, lengths: list[int]):
+        self.source, self.paths = source, [str(p) for p in paths]
+        self.ends = np.cumsum(lengths)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.source[index]
+        except Exception as err:  # noqa: BLE001 - the reader's errors have no common type
+            shard = int(np.searchsorted(self.ends, index, side="right"))
+            raise OSError(
+                f"{self.paths[shard]}: unreadable record ({err}); prepare the dataset again"
+            ) from err
+
+
+def open_split(dataset: str, data_dir: str, split: str, config: str | None = None):
+    """The split's random-access data source, after :func:`check_split`."""
+    builder = load_builder(dataset, data_dir, config)
+    check_split(builder, split)
+    info = builder.info.splits[split]
+    return NamedShards(builder.as_data_source(split), info.filepaths, info.shard_lengths)
 
 
 def split_column(

@@ -1,8 +1,10 @@
 """Grain loaders: shapes, per-process shards, resumption, deterministic test views."""
 
 import json
+import shutil
 
 import numpy as np
+import pytest
 
 from cmdcl_jax.data import pipeline
 from cmdcl_jax.data.transforms import segment_indices
@@ -97,3 +99,17 @@ def test_test_time_sampling_is_deterministic(kitchen):
     for a, b in zip(first, second, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_garbled_record_is_named_by_its_shard(kitchen, tmp_path):
+    data_dir, config = kitchen
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    shard = sorted(copy.glob("causal_kitchen/*/*/*train.array_record*"))[0]
+    data = bytearray(shard.read_bytes())
+    data[2000:2100] = bytes(b ^ 0xFF for b in data[2000:2100])  # inside a chunk of records
+    shard.write_bytes(bytes(data))
+    source = pipeline.open_split("causal_kitchen", str(copy), "train", config)  # index intact
+    with pytest.raises(OSError, match=f"{shard}: unreadable record"):
+        for i in range(len(source)):
+            source[i]

@@ -1,0 +1,78 @@
+"""The compiled steps: one optimizer step (with gradient accumulation) and one eval step.
+
+Module-level ``jax.jit`` functions, so every run of one model shares their compilation;
+the trainable state is donated.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def loss_fn(logits: jax.Array, labels: jax.Array, kind: str) -> jax.Array:
+    """Softmax cross-entropy (labels int [B]) or sigmoid BCE (labels multi-hot [B, C])."""
+    if kind == "single":
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)).mean()
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "tx", "kind", "accum_steps"),
+    donate_argnames=("state",),
+)
+def train_step(state, frozen, batch, base_key, *, graphdef, tx, kind, accum_steps):
+    """One optimizer step on a global batch, split in ``accum_steps`` micro-batches.
+
+    Args:
+      state: ``{"step", "params", "opt_state"}``; params are the trainable state.
+      frozen: the rest of the model (CLIP).
+      batch: ``video`` uint8 [B, L, H, W, 3] and ``label``.
+      base_key: the run's key; the step's dropout key is ``fold_in(base_key, step)``.
+
+    Returns:
+      (new state, ``{"loss", "grad_norm"}``).
+    """
+    key = jax.random.fold_in(base_key, state["step"])
+
+    def micro_loss(params, micro, micro_key):
+        model = nnx.merge(graphdef, params, frozen)
+        logits, _ = model(micro["video"], deterministic=False, rngs=nnx.Rngs(dropout=micro_key))
+        return loss_fn(logits, micro["label"], kind)
+
+    grad_fn = jax.value_and_grad(micro_loss)
+    if accum_steps == 1:
+        loss, grads = grad_fn(state["params"], batch, key)
+    else:
+        micro = jax.tree.map(
+            lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch
+        )
+
+        def body(carry, xs):
+            i, mb = xs
+            loss, grads = grad_fn(state["params"], mb, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
+        (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+        loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def eval_step(params, frozen, video, *, graphdef):
+    """Logits [B, C]; multi-view video [B, V, L, H, W, 3] averages the V views' logits."""
+    model = nnx.merge(graphdef, params, frozen)
+    if video.ndim == 6:
+        b, v = video.shape[:2]
+        logits, _ = model(video.reshape(b * v, *video.shape[2:]))
+        return logits.reshape(b, v, -1).mean(axis=1)
+    return model(video)[0]

@@ -1,0 +1,87 @@
+"""Helpers of the training tests: the synthetic config, the command line, on-disk state."""
+
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+
+ROOT = Path(__file__).resolve().parents[1]
+# The shared run's overrides: 300 steps of the width-32 model, whatever the quickstart's
+# recipe, evaluated every 100 steps and saved every 25.
+TRAINED = {
+    "train.num_steps": 300,
+    "model.width": 32,
+    "eval.every_steps": 100,
+    "checkpoint.every_steps": 25,
+}
+sys.path.insert(0, str(ROOT))  # the configs package, as `python -m cmdcl_jax.main` sees it
+
+
+def synthetic(data_dir, **overrides):
+    """``configs/synthetic.py`` on ``data_dir`` with ``{"a.b": value}`` overrides."""
+    config = importlib.import_module("configs.synthetic").get_config()
+    config.dataset.data_dir = str(data_dir)
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def run_main(workdir, data_dir, *args, devices=8, wait=True):
+    """``python -m cmdcl_jax.main`` on the synthetic config, on ``devices`` CPU devices."""
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmdcl_jax.main",
+        "--config",
+        "configs/synthetic.py",
+        "--workdir",
+        str(workdir),
+        f"--config.dataset.data_dir={data_dir}",
+        *args,
+    ]
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def final_results(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{\n") :])
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def saved_state(workdir: Path, step: int) -> dict:
+    return ocp.StandardCheckpointer().restore(
+        (workdir / "checkpoints" / str(step) / "state").absolute()
+    )
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """``{relative path: SHA-256}`` of every file below ``directory``."""
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def metrics_lines(workdir: Path) -> list[dict]:
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
