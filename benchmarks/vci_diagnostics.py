@@ -28,10 +28,10 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from cmdcl_jax import train
 from cmdcl_jax.data import causal_kitchen as ck
 from cmdcl_jax.models.cmdcl import TRAINABLE, CMDCLConfig, build_cmdcl
 from cmdcl_jax.models.tiny_clip import write_tiny_clip
+from cmdcl_jax.train import setup, steps
 
 _TCI = flags.DEFINE_bool("tci", True, "Textual causal intervention.")
 _VCI = flags.DEFINE_bool("vci", True, "Visual causal intervention.")
@@ -70,7 +70,7 @@ def probe(graphdef, params, frozen, video, labels) -> dict:
         )
 
     def loss(p):
-        return train.loss_fn(nnx.merge(graphdef, p, frozen)(video)[0], labels, "single")
+        return steps.loss_fn(nnx.merge(graphdef, p, frozen)(video)[0], labels, "single")
 
     grads = jax.grad(loss)(params)
     squares: dict[str, float] = {}
@@ -109,7 +109,7 @@ def main(argv):
     hparams = ml_collections.ConfigDict(
         dict(learning_rate=_LR.value, warmup_steps=10, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999)
     )
-    tx = train.make_optimizer(hparams, _STEPS.value)
+    tx = setup.make_optimizer(hparams, _STEPS.value)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     key, rng = jax.random.key(_SEED.value), np.random.default_rng(_SEED.value)
     probe_batch = (frames[:16], labels[:16])
@@ -117,7 +117,7 @@ def main(argv):
     losses = []
     for step in range(1, _STEPS.value + 1):
         pick = rng.choice(len(labels), 16, replace=False)
-        state, metrics = train.train_step(
+        state, metrics = steps.train_step(
             state,
             frozen,
             {"video": frames[pick], "label": labels[pick]},
@@ -130,7 +130,7 @@ def main(argv):
         losses.append(metrics["loss"])
         if step % _EVERY.value == 0:
             stats = probe(graphdef, state["params"], frozen, *probe_batch)
-            logits = train.eval_step(state["params"], frozen, frames, graphdef=graphdef)
+            logits = steps.eval_step(state["params"], frozen, frames, graphdef=graphdef)
             accuracy = float((logits.argmax(axis=1) == labels).mean())
             mean_loss = float(np.mean(jax.device_get(losses[-_EVERY.value :])))
             print(f"step {step}: loss {mean_loss:.3f} train_acc {accuracy:.3f}", json.dumps(stats))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cmdcl_jax import train
 from cmdcl_jax.data import causal_kitchen as ck
 from cmdcl_jax.models.cmdcl import TRAINABLE, CMDCLConfig, build_cmdcl
 from cmdcl_jax.models.tiny_clip import write_tiny_clip
+from cmdcl_jax.train import setup, steps
 
 SPEC = ck.KitchenSpec(
     seed=1, num_train=16, num_frames=8, frame_size=32, background_bias=1 / 8, salt_bias=0.5
@@ -43,7 +43,7 @@ def test_every_variant_fits_unconfounded_videos(videos, clip_dir, tci, vci):
     hparams = ml_collections.ConfigDict(
         dict(learning_rate=3e-3, warmup_steps=10, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999)
     )
-    tx = train.make_optimizer(hparams, STEPS)
+    tx = setup.make_optimizer(hparams, STEPS)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     key = jax.random.key(0)
     rng = np.random.default_rng(0)
@@ -51,12 +51,12 @@ def test_every_variant_fits_unconfounded_videos(videos, clip_dir, tci, vci):
     for _ in range(STEPS):
         pick = rng.choice(len(labels), 8, replace=False)
         batch = {"video": frames[pick], "label": labels[pick]}
-        state, m = train.train_step(
+        state, m = steps.train_step(
             state, frozen, batch, key, graphdef=graphdef, tx=tx, kind="single", accum_steps=1
         )
         losses.append(m["loss"])
-    logits = train.eval_step(state["params"], frozen, frames, graphdef=graphdef)
-    loss = float(train.loss_fn(logits, labels, "single"))
+    logits = steps.eval_step(state["params"], frozen, frames, graphdef=graphdef)
+    loss = float(steps.loss_fn(logits, labels, "single"))
     chance = np.log(SPEC.num_activities)
     first = float(np.mean(jax.device_get(losses[:5])))
     assert first > 0.8 * chance  # it starts near chance ...
