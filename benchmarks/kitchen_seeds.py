@@ -112,9 +112,10 @@ def main(argv):
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     start = time.time()
-    for data in _DATA.value:
-        for variant in _VARIANTS.value:
-            for seed in range(_SEEDS.value):
+    # Seed-major, so an interrupted benchmark has covered every variant and data setting.
+    for seed in range(_SEEDS.value):
+        for data in _DATA.value:
+            for variant in _VARIANTS.value:
                 t = time.time()
                 workdir = root / data / variant / f"seed{seed}"
                 results = run_one(workdir, data, variant, seed, _OVERRIDES.value)

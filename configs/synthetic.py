@@ -32,6 +32,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.dataset.num_frames = 8
     c.dataset.crop_size = 32
     c.dataset.num_workers = 0
+    # Glyphs move within 0.85 of the half-frame from its centre: crops of >= 90 % of the
+    # area keep them in view (at 25 % a step can leave the crop and the label with it).
+    c.dataset.crop_area = (0.9, 1.0)
     c.dataset.kitchen = ml_collections.ConfigDict(
         dict(
             seed=0,
@@ -51,9 +54,11 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.model.remat = False
 
     c.train.batch_size = 16
-    c.train.num_epochs = 15
-    c.train.learning_rate = 3e-3  # measured: 1e-3 reaches only 0.25 test_iid acc in 300 steps
-    c.train.warmup_steps = 20
+    # Measured (benchmarks/kitchen_seeds.py, RESULTS.md): the plain model learns the step
+    # order, not only the set of steps, after ~800 steps; 1500 at lr 3e-3 fit every variant.
+    c.train.num_epochs = 75
+    c.train.learning_rate = 3e-3
+    c.train.warmup_steps = 50
     c.eval.batch_size = 32
     c.checkpoint.every_steps = 100
     return c

@@ -11,6 +11,16 @@ from pathlib import Path
 import orbax.checkpoint as ocp
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tests' CausalKitchen: the default knobs on fewer, shorter, smaller videos than the
+# quickstart's (building and evaluating it is most of a short test run's time).
+NUM_TEST = 64
+KITCHEN = {
+    "dataset.kitchen.num_train": 160,
+    "dataset.kitchen.num_val": NUM_TEST,
+    "dataset.kitchen.num_test": NUM_TEST,
+    "dataset.kitchen.num_frames": 16,
+    "dataset.kitchen.frame_size": 32,
+}
 # The shared run's overrides: 300 steps of the width-32 model, whatever the quickstart's
 # recipe, evaluated every 100 steps and saved every 25.
 TRAINED = {
@@ -23,10 +33,11 @@ sys.path.insert(0, str(ROOT))  # the configs package, as `python -m cmdcl_jax.ma
 
 
 def synthetic(data_dir, **overrides):
-    """``configs/synthetic.py`` on ``data_dir`` with ``{"a.b": value}`` overrides."""
+    """``configs/synthetic.py`` on the tests' kitchen in ``data_dir``, with ``{"a.b": value}``
+    overrides."""
     config = importlib.import_module("configs.synthetic").get_config()
     config.dataset.data_dir = str(data_dir)
-    for key, value in overrides.items():
+    for key, value in {**KITCHEN, **overrides}.items():
         node = config
         *path, last = key.split(".")
         for part in path:
@@ -36,7 +47,8 @@ def synthetic(data_dir, **overrides):
 
 
 def run_main(workdir, data_dir, *args, devices=8, wait=True):
-    """``python -m cmdcl_jax.main`` on the synthetic config, on ``devices`` CPU devices."""
+    """``python -m cmdcl_jax.main`` on the synthetic config and the tests' kitchen, on
+    ``devices`` CPU devices."""
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
@@ -51,6 +63,7 @@ def run_main(workdir, data_dir, *args, devices=8, wait=True):
         "--workdir",
         str(workdir),
         f"--config.dataset.data_dir={data_dir}",
+        *(f"--config.{key}={value}" for key, value in KITCHEN.items()),
         *args,
     ]
     if not wait:

@@ -148,3 +148,18 @@ def test_base_preset_at_paper_scale_abstractly():
     video = jax.ShapeDtypeStruct((1, 64, 224, 224, 3), jnp.uint8)
     logits = nnx.eval_shape(lambda m, v: m(v)[0], model, video)
     assert logits.shape == (1, 778)
+
+
+@pytest.mark.parametrize("width", [32, 64])
+def test_tiny_weights_are_drawn_at_the_width_scaled_std(tmp_path, width):
+    clip = write_tiny_clip(tmp_path, ["{}", "a", "b"], width=width)
+    cfg = CMDCLConfig.tiny(str(clip), width=width)
+    assert cfg.init_std == pytest.approx(0.02 * np.sqrt(768 / width))
+    model = build_cmdcl(cfg, ["a", "b"])
+    kernel = model.timesformer.layers[0].mlp.fc1.kernel[...]  # width x 2 width draws
+    # The sample std of n normal draws is within 10 % of sigma (>= 6 of its ~1/sqrt(2n)).
+    assert float(kernel.std()) == pytest.approx(cfg.init_std, rel=0.1)
+    assert float(model.sta.position[...].std()) == pytest.approx(cfg.init_std, rel=0.25)
+    assert float(jnp.abs(model.qformer.layers[0].mlp_norm.scale[...] - 1).max()) == 0
+    # T is CLIP's prompt embeddings, untouched by the rescaling.
+    assert np.allclose(np.linalg.norm(model.text_embeddings[...], axis=-1), 1, atol=1e-5)

@@ -16,7 +16,7 @@ from cmdcl_jax.train import setup, steps
 SPEC = ck.KitchenSpec(
     seed=1, num_train=16, num_frames=8, frame_size=32, background_bias=1 / 8, salt_bias=0.5
 )
-STEPS = 300
+STEPS = 150
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,7 @@ def test_every_variant_fits_unconfounded_videos(videos, clip_dir, tci, vci):
     chance = np.log(SPEC.num_activities)
     first = float(np.mean(jax.device_get(losses[:5])))
     assert first > 0.8 * chance  # it starts near chance ...
-    # ... and fits: measured 0.14 ln C (variant 1) to 0.01 ln C; with g's skip on T'
-    # instead of Vhat ("anchor") the VCI variants stayed at 0.68-0.75 ln C.
+    # ... and fits: measured 0.014-0.028 ln C. Before the fixes, in 300 steps: with g's
+    # skip on T' ("anchor") the VCI variants stayed at 0.68-0.75 ln C; with BERT's init
+    # std at width 32, Variant 1 reached 0.14 ln C.
     assert loss < 0.3 * chance, (loss, [float(x) for x in losses[::25]])

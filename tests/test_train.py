@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from synthetic_runs import (
+    NUM_TEST,
     TRAINED,
     checkpoint_steps,
     final_results,
@@ -38,7 +39,7 @@ def test_synthetic_run_learns(trained, data_dir):
     chance = 1 / 8
     print(f"\nsynthetic run: {json.dumps(results)}")
     assert results["test_iid"]["acc1"] > 4 * chance
-    assert results["test_iid"]["num_examples"] == 160
+    assert results["test_iid"]["num_examples"] == NUM_TEST
     lines = metrics_lines(workdir)
     losses = [x["loss"] for x in lines if x["split"] == "train"]
     assert losses[-1] < losses[0] - 0.5
@@ -61,9 +62,10 @@ def test_checkpoint_from_8_devices_evaluates_on_1(trained, data_dir):
     assert out.returncode == 0, out.stdout + out.stderr
     restored = final_results(out.stdout)
     # Logits differ in float32 rounding across meshes (~1e-6), which may flip a near-tie in
-    # one of the 160 videos, no more.
+    # one of the test videos, no more.
     for split in ("test_iid", "test_shifted"):
-        assert restored[split]["acc1"] == pytest.approx(results[split]["acc1"], rel=0, abs=1 / 160)
+        want = pytest.approx(results[split]["acc1"], rel=0, abs=1 / NUM_TEST)
+        assert restored[split]["acc1"] == want
 
 
 def test_predict_prints_top_classes(trained, data_dir, tmp_path):
