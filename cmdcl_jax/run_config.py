@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.class_chunk = ml_collections.FieldReference(None, field_type=int)
     c.model.prompt_template = ml_collections.FieldReference(None, field_type=str)
     c.model.dropout = ml_collections.FieldReference(None, field_type=float)
+    # Std of the random weight matrices (base: 0.02; tiny: 0.02 * sqrt(768 / width)).
+    c.model.init_std = ml_collections.FieldReference(None, field_type=float)
     c.model.dtype = "bfloat16"
     c.model.remat = True
 
