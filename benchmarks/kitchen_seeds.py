@@ -4,13 +4,15 @@ Each run is the main job (``python -m cmdcl_jax.main --config configs/synthetic.
 a process of its own, with ``--config.seed`` = the seed (model initialisation, data order
 and augmentation; the dataset is the same for every seed) and the variant's
 ``model.tci``/``model.vci``; it also evaluates the training split, without augmentation.
-A finished run is read back, not rerun, so an interrupted benchmark continues.
+A finished run is read back, not rerun, so an interrupted benchmark continues;
+``--finished_only`` tabulates the finished runs and starts none.
 
 Prints, per data setting and variant, the mean and standard deviation over seeds of:
 training accuracy, accuracy on test_iid, val_shifted and test_shifted, the shortcut rate
 on test_shifted (predictions equal to the background's activity; about 1/C when the
-background is ignored) and the number of collapsed seeds (predicting at most two classes
-on test_iid); writes ``kitchen_seeds.md`` and ``kitchen_seeds.csv`` in --workdir.
+background is ignored), the number of seeds that fit (training accuracy >= 0.95) and of
+collapsed seeds (predicting at most two classes on test_iid); writes ``kitchen_seeds.md``
+and ``kitchen_seeds.csv`` in --workdir.
 
   python benchmarks/kitchen_seeds.py --workdir /tmp/kitchen_seeds --seeds 5
 """
@@ -38,11 +40,15 @@ VARIANTS = {  # paper Table 3
 DATA = ("unconfounded", "default")  # configs/synthetic.py:<arg>
 SPLITS = ("train", "test_iid", "val_shifted", "test_shifted")
 COLLAPSED_CLASSES = 2
+FIT_ACCURACY = 0.95  # a run fits its training data at this training accuracy or more
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Runs, data and the tables go here.", required=True)
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds 0..N-1 per variant and data setting.")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Variants to run.")
 _DATA = flags.DEFINE_list("data", list(DATA), "Data settings (configs/synthetic.py args).")
+_FINISHED_ONLY = flags.DEFINE_bool(
+    "finished_only", False, "Tabulate the runs already finished in --workdir; start none."
+)
 _OVERRIDES = flags.DEFINE_multi_string(
     "set", [], "Extra config override for every run, e.g. --set train.num_steps=500."
 )
@@ -85,13 +91,15 @@ def row(data: str, variant: str, seed: int, results: dict) -> dict:
         "seed": seed,
         **{f"{s}_acc1": results[s]["acc1"] for s in SPLITS},
         "shortcut_rate": results["test_shifted"]["shortcut_rate"],
+        "fit": results["train"]["acc1"] >= FIT_ACCURACY,
         "collapsed": results["test_iid"]["predicted_classes"] <= COLLAPSED_CLASSES,
     }
 
 
 def summary_table(rows: list[dict]) -> str:
     cols = [f"{s}_acc1" for s in SPLITS] + ["shortcut_rate"]
-    head = ["data", "variant", "seeds", *(c.removesuffix("_acc1") for c in cols), "collapsed"]
+    counts = ["fit", "collapsed"]
+    head = ["data", "variant", "seeds", *(c.removesuffix("_acc1") for c in cols), *counts]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -101,7 +109,7 @@ def summary_table(rows: list[dict]) -> str:
         for c in cols:
             v = np.array([r[c] for r in group])
             cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
-        cells.append(str(sum(r["collapsed"] for r in group)))
+        cells.extend(str(sum(r[c] for r in group)) for c in counts)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -118,6 +126,8 @@ def main(argv):
             for variant in _VARIANTS.value:
                 t = time.time()
                 workdir = root / data / variant / f"seed{seed}"
+                if _FINISHED_ONLY.value and not (workdir / "result.json").exists():
+                    continue
                 results = run_one(workdir, data, variant, seed, _OVERRIDES.value)
                 rows.append(row(data, variant, seed, results))
                 print(
