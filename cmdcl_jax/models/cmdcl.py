@@ -57,7 +57,7 @@ TEXT_SCALES = {"unit": lambda d: 1.0, "rms": math.sqrt}
 
 # Trainable parameters: everything but the frozen CLIP (which gets no optimizer state).
 TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("clip")))
-# Std of Linear kernels at initialisation in BERT, ViT and BLIP-2 (width 768 and up).
+# Std of weight matrices and embedding tables at initialisation in BERT, ViT and BLIP-2.
 BERT_INIT_STD = 0.02
 
 
