@@ -50,7 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 8  # global; the paper does not give it
-    c.train.accum_steps = 1  # micro-batches per step (gradient accumulation)
+    # Micro-batches per step (gradient accumulation). 8: one clip per micro-batch on one
+    # device, what a 24 GB card holds at 32-64 frames (README, "Memory plan"); on N
+    # devices use 8 / N.
+    c.train.accum_steps = 8
     c.train.num_epochs = 80
     c.train.num_steps = -1  # > 0 overrides num_epochs
     c.train.learning_rate = 1e-5  # peak, cosine decay to 0
