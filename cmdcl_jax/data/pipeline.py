@@ -1,7 +1,6 @@
 """Grain input pipelines over the frame shards written by `cmdcl_jax.data.builders`.
 
-Both loaders return a checkpointable grain `DatasetIterator` (`get_state()` /
-`set_state()`) of batches
+Both loaders return a grain `DatasetIterator` of batches
 
 * `video`: uint8 [B_local, L, S, S, 3] ([B_local, V, L, S, S, 3] with V > 1 test views);
   normalisation happens on the device;
