@@ -1,4 +1,5 @@
-"""The main job on CausalKitchen: learning, kill and resume, sharding, bad input, predict."""
+"""The main job on CausalKitchen: learning, kill and resume, resume on another process count,
+sharding, bad input, predict."""
 
 import importlib
 import json
