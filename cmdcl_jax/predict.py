@@ -45,7 +45,7 @@ def load_model(workdir: Path, step: int | None = None) -> tuple[nnx.Module, dict
     checkpoints = Checkpoints(workdir, read_only=True)
     run = run_record.load_trained(workdir, checkpoints.run_record)
     model = build_cmdcl(run_record.model_config(run, workdir), run["class_names"])
-    restored, _, step = checkpoints.restore({"params": nnx.state(model, TRAINABLE)}, step=step)
+    restored, step = checkpoints.restore({"params": nnx.state(model, TRAINABLE)}, step=step)
     saved_run = checkpoints.run_record(step)
     if saved_run is not None:
         run_record.check_identity(workdir, run, saved_run)

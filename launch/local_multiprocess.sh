@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs one training job as NUM_PROCESSES JAX processes on this machine, on the CPU: the
-# multi-host code path (coordinator, per-process data shards, collective checkpoints)
+# multi-host code path (coordinator, per-process parts of each batch, collective checkpoints)
 # without a cluster.
 #
 #   CONFIG=configs/synthetic.py NUM_PROCESSES=2 launch/local_multiprocess.sh [extra args]

@@ -9,8 +9,11 @@ import socket
 import subprocess
 import time
 
+import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 from synthetic_runs import (
@@ -259,6 +262,33 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(
     assert pairs and all(np.array_equal(a, b) for a, b in pairs)
     logged = [(x["step"], x["split"]) for x in metrics_lines(run_copy)]
     assert len(logged) == len(set(logged))
+
+
+def test_checkpoint_that_still_holds_iterator_state_restores(tmp_path):
+    """Checkpoints once held every process's grain iterator state as item ``data``."""
+    state = {"step": jnp.int32(3), "params": {"w": jnp.arange(4.0)}}
+    iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+    next(iterator)
+    handlers = {
+        "state": ocp.PyTreeCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "run": ocp.JsonCheckpointHandler(),
+    }
+    with ocp.CheckpointManager(tmp_path / "checkpoints", item_handlers=handlers) as old:
+        old.save(
+            3,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state),
+                data=grain.checkpoint.CheckpointSave(iterator),
+                run=ocp.args.JsonSave({"seed": 0}),
+            ),
+        )
+    assert (tmp_path / "checkpoints/3/data").is_dir()
+    checkpoints = Checkpoints(tmp_path, async_save=False)
+    restored, step = checkpoints.restore({"step": jnp.int32(0), "params": {"w": jnp.zeros(4)}})
+    assert step == 3 and int(restored["step"]) == 3
+    np.testing.assert_array_equal(restored["params"]["w"], [0.0, 1.0, 2.0, 3.0])
+    assert checkpoints.run_record() == {"seed": 0}
 
 
 @pytest.mark.parametrize("change", ["one class fewer", "no VCI", "classes swapped"])

@@ -1,7 +1,9 @@
-"""The main job on CausalKitchen: learning, kill and resume, sharding, bad input, predict."""
+"""The main job on CausalKitchen: learning, kill and resume, resume on another process count,
+sharding, bad input, predict."""
 
 import importlib
 import json
+import shutil
 import signal
 import time
 
@@ -16,6 +18,7 @@ from synthetic_runs import (
     final_results,
     metrics_lines,
     run_main,
+    run_processes,
     saved_state,
     synthetic,
 )
@@ -111,6 +114,56 @@ def test_killed_and_resumed_run_ends_bitwise_identical(data_dir, tmp_path):
     # metrics.jsonl holds each step once: the killed run's lines after step 20 were dropped.
     logged = [(x["step"], x["split"]) for x in metrics_lines(tmp_path / "killed")]
     assert logged == [(x["step"], x["split"]) for x in metrics_lines(tmp_path / "straight")]
+
+
+def test_checkpoints_resume_on_another_process_count(data_dir, tmp_path):
+    """1 process x 8 devices to step 2, 2 processes x 4 to step 4, 1 x 8 to step 6 ends
+    where an uninterrupted 1 x 8 run does."""
+    steps, learning_rate = 6, 3e-3
+    args = [
+        f"--config.train.num_steps={steps}",
+        f"--config.train.learning_rate={learning_rate}",
+        "--config.train.warmup_steps=0",
+        "--config.model.width=32",
+        "--config.checkpoint.every_steps=2",
+        "--config.checkpoint.keep=3",
+        "--config.log_every=1",
+        "--config.dataset.eval_splits=('val_shifted',)",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    out = run_main(straight, data_dir, *args, devices=8)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert checkpoint_steps(straight) == [2, 4, 6]
+    shutil.copytree(straight, resumed)
+    for step in (4, 6):
+        shutil.rmtree(resumed / "checkpoints" / str(step))
+    run_processes(resumed, data_dir, *args, num_processes=2, devices=4)
+    assert (resumed / "checkpoints/4/state/ocdbt.process_1").is_dir()  # two processes wrote it
+    want = saved_state(straight, steps)
+    two_processes = saved_state(resumed, steps, like=want)
+    shutil.rmtree(resumed / "checkpoints" / str(steps))
+    out = run_main(resumed, data_dir, *args, devices=8)  # from the 2-process step 4
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    # The runs sum the same float32 terms in other orders (8 devices of one process, or 4
+    # of each of 2 all-reduced over gloo): the losses agree to float32 rounding (~1e-7
+    # relative, measured), while another batch changes a loss by ~1e-2. Parameters whose
+    # gradient is not zero agree to ~1e-6 (measured); those whose gradient is analytically
+    # zero (attention key biases: softmax ignores them) get rounding noise of <= 5e-10
+    # (see assert_same_step), which Adam's g / (|g| + 1e-8) turns into moves of up to 5 %
+    # of the learning rate a step: at most 0.05 * steps * lr = 9e-4 over the run (2e-5
+    # measured). A step on another batch moves most entries by ~lr = 3e-3 elsewhere.
+    def train_losses(workdir):
+        return [x["loss"] for x in metrics_lines(workdir) if x["split"] == "train"]
+
+    assert len(train_losses(resumed)) == steps
+    assert train_losses(resumed) == pytest.approx(train_losses(straight), rel=1e-5)
+    atol = 0.05 * steps * learning_rate
+    for got in (two_processes, saved_state(resumed, steps)):
+        assert int(got["step"]) == steps
+        pairs = zip(jax.tree.leaves(want["params"]), jax.tree.leaves(got["params"]), strict=True)
+        for a, b in pairs:
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=atol)
 
 
 def test_sharded_step_matches_single_device(data_dir, tmp_path):

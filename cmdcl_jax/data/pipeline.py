@@ -1,7 +1,6 @@
 """Grain input pipelines over the frame shards written by `cmdcl_jax.data.builders`.
 
-Both loaders return a checkpointable grain `DatasetIterator` (`get_state()` /
-`set_state()`) of batches
+Both loaders return a grain `DatasetIterator` of batches
 
 * `video`: uint8 [B_local, L, S, S, 3] ([B_local, V, L, S, S, 3] with V > 1 test views);
   normalisation happens on the device;
@@ -10,7 +9,10 @@ Both loaders return a checkpointable grain `DatasetIterator` (`get_state()` /
 * `mask`: bool [B_local], False for entries that only pad the last batch.
 
 `batch_size` is global: each of the `process_count` processes gets B_local =
-batch_size / process_count examples of its own shard (strided over the split).
+batch_size / process_count examples. Training reads one global stream (`order.EpochOrder`)
+whose global batches do not depend on the process count: process p takes the p-th
+contiguous B_local of each, and a run resumes from its step alone (`start_step`).
+Evaluation gives process p the examples p, p + P, ... of the split.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python.array_record_module import ArrayRecordReader
 
-from cmdcl_jax.data import builders
+from cmdcl_jax.data import builders, order
 from cmdcl_jax.data.transforms import EvalTransform, LabelledFrames, TrainTransform
 
 
@@ -160,6 +162,7 @@ def make_train_loader(
     split: str = "train",
     seed: int = 0,
     num_epochs: int | None = None,
+    start_step: int = 0,
     scale: tuple[float, float] = (0.25, 1.0),
     flip: bool = True,
     num_workers: int = 2,
@@ -167,20 +170,27 @@ def make_train_loader(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.DatasetIterator:
-    """Shuffled, augmented training batches, reshuffled every epoch.
+    """This process's part of the global batches of the training stream, from `start_step`.
+
+    Global batch g is positions [g * B, (g + 1) * B) of the stream (`order.EpochOrder`: a
+    permutation of the split per epoch from (seed, epoch), floor(N / B) batches an epoch);
+    process p gets positions [g * B + p * B_local, g * B + (p + 1) * B_local). The
+    augmentation of each position is drawn from (seed, position), so the global batches are
+    the same, pixel for pixel, on any number of processes.
 
     Args:
         dataset: "breakfast", "coin", "charades" or "causal_kitchen".
         data_dir: the TFDS data dir the dataset was prepared into.
         task: the task whose label goes in `label` (see `builders.TASKS`).
-        batch_size: global batch size, divisible by the process count.
+        batch_size: global batch size B, divisible by the process count.
         num_frames: L, frames sampled per clip (one per segment, random in the segment).
         crop_size: S, the side of the random resized crop.
         config: the builder config name, if the dataset has several.
         split: split to read.
-        seed: seeds the shuffle and the augmentation; the same seed gives the same batches.
-        num_epochs: None repeats forever; processes whose shards differ in size by one
-            may then yield one batch more or less per epoch.
+        seed: seeds the order and the augmentation; the same seed gives the same batches.
+        num_epochs: None repeats forever.
+        start_step: global batches already consumed (a resumed run's step); the iterator
+            starts with global batch `start_step`.
         scale: range of the crop's share of the frame area.
         flip: random horizontal flip.
         num_workers: grain worker processes (0: in this process).
@@ -189,22 +199,15 @@ def make_train_loader(
         process_count: defaults to `jax.process_count()`.
     """
     index, count = _process(process_index, process_count)
+    local_batch = _local_batch(batch_size, count)
     source = open_split(dataset, data_dir, split, config)
-    local = np.arange(index, len(source), count)
-    ds = grain.MapDataset.source(
-        LabelledFrames(
-            source, local, np.ones(len(local), bool), task, task_type(dataset, task) == "multi"
-        )
-    )
-    augment_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-    ds = (
-        ds.shuffle(seed=seed)
-        .repeat(num_epochs)
-        .random_map(
-            TrainTransform(num_frames, crop_size, scale=scale, flip=flip), seed=augment_seed
-        )
-        .batch(_local_batch(batch_size, count), drop_remainder=True)
-    )
+    stream = order.EpochOrder(len(source), batch_size, seed, num_epochs)
+    multi = task_type(dataset, task) == "multi"
+    ds = grain.MapDataset.source(LabelledFrames(source, stream, None, task, multi))
+    # random_map seeds each element by its index in `ds`: the global stream position.
+    ds = ds.random_map(TrainTransform(num_frames, crop_size, scale=scale, flip=flip), seed=seed)
+    # Chunk k of B_local positions is process k % P's part of global batch k // P.
+    ds = ds.batch(local_batch)[start_step * count + index :: count]
     return _finish(ds, num_workers, prefetch)
 
 

@@ -18,14 +18,14 @@ class LabelledFrames:
     """A random-access view of some examples of a TFDS data source, with one task's label.
 
     Element `i` is example `indices[i]` as {"frames", "label", "index", "mask"}; `mask` is
-    False where the entry only pads a split to a whole number of batches.
+    False where the entry only pads a split to a whole number of batches (None: nowhere).
     """
 
     def __init__(
         self,
         source: Sequence[dict],
-        indices: np.ndarray,
-        mask: np.ndarray,
+        indices: Sequence[int],
+        mask: np.ndarray | None,
         task: str,
         multi_label: bool,
     ):
@@ -43,7 +43,7 @@ class LabelledFrames:
             "frames": example["frames"],
             "label": np.asarray(label, np.float32 if self.multi_label else np.int32),
             "index": np.int32(index),
-            "mask": np.bool_(self.mask[i]),
+            "mask": np.bool_(True if self.mask is None else self.mask[i]),
         }
 
 

@@ -1,14 +1,14 @@
 """Orbax checkpoints of a run: saving, retention, and restoring with checks.
 
 ``<workdir>/checkpoints/<step>/`` holds ``state`` (``{"step", "params", "opt_state"}``,
-the trainable parameters only), ``data`` (every process's grain iterator state) and
-``run`` (a copy of ``run.json``). Retention keeps exactly the last ``keep`` steps plus the
-best one by the first eval split's metric; older ones are deleted once a newer one is
-complete. A restore first checks that every saved array has the path and shape the model
-expects (never leaving a parameter at its initialisation), then falls back from a damaged
-checkpoint to the newest readable one, naming the damaged step and file; in training the
-damaged step is moved to ``<workdir>/damaged_checkpoints/``.
-"""
+the trainable parameters only) and ``run`` (a copy of ``run.json``). The data position is
+the step (``pipeline.make_train_loader``'s ``start_step``), so a checkpoint holds nothing
+per process and resumes on any number of processes and devices. Retention keeps exactly
+the last ``keep`` steps plus the best one by the first eval split's metric; older ones are
+deleted once a newer one is complete. A restore first checks that every saved array has
+the path and shape the model expects (never leaving a parameter at its initialisation),
+then falls back from a damaged checkpoint to the newest readable one, naming the damaged
+step and file; in training the damaged step is moved to ``<workdir>/damaged_checkpoints/``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import math
 import shutil
 from pathlib import Path
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -85,7 +84,6 @@ class Checkpoints:
         )
         handlers = {
             "state": ocp.PyTreeCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
             "run": ocp.JsonCheckpointHandler(),
         }
         self.manager = ocp.CheckpointManager(
@@ -95,14 +93,13 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, train_iter, record: dict) -> None:
+    def save(self, step: int, state, record: dict) -> None:
         """Starts writing ``step`` (asynchronously) once the previous save is complete."""
         self.prune()
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(state),
-                data=grain.checkpoint.CheckpointSave(train_iter),
                 run=ocp.args.JsonSave(record),
             ),
         )
@@ -126,12 +123,13 @@ class Checkpoints:
                 logging.warning("checkpoint step %d: no readable run.json copy (%s)", s, err)
         return None
 
-    def restore(self, target: dict, train_iter=None, step: int | None = None):
+    def restore(self, target: dict, step: int | None = None):
         """Restores ``target``'s arrays (a subset of the saved state, restored onto its
-        shardings) and the iterator from ``step``, or from the newest readable checkpoint.
+        shardings, whatever mesh saved them) from ``step``, or from the newest readable
+        checkpoint.
 
         Returns:
-          (restored state, iterator or None, the step restored).
+          (restored state, the step restored).
 
         Raises:
           FileNotFoundError: no checkpoint (or no checkpoint ``step``).
@@ -148,7 +146,7 @@ class Checkpoints:
         damaged = []
         for s in steps:
             try:
-                return (*self._read(s, abstract, train_iter), s)
+                return self._read(s, abstract), s
             except CheckpointMismatchError:
                 raise
             except Exception as err:  # noqa: BLE001 - TensorStore's errors have no common type
@@ -164,8 +162,8 @@ class Checkpoints:
             f"no readable checkpoint in {self.manager.directory}: steps {damaged} are damaged"
         )
 
-    def _read(self, step: int, abstract, train_iter):
-        """(state, iterator) of ``step``, once its arrays are checked against ``abstract``."""
+    def _read(self, step: int, abstract):
+        """The state of ``step``, once its arrays are checked against ``abstract``."""
         saved = self.manager.item_metadata(step)["state"]
         errors = fit_errors(getattr(saved, "tree", saved), abstract)
         if errors:
@@ -173,17 +171,12 @@ class Checkpoints:
                 f"checkpoint {self.manager.directory / str(step)} does not fit this model "
                 f"({len(errors)} arrays): " + "; ".join(errors[:10])
             )
-        args = {
-            "state": ocp.args.PyTreeRestore(
-                abstract,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                partial_restore=True,
-            )
-        }
-        if train_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointRestore(train_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return restored["state"], restored.get("data")
+        state = ocp.args.PyTreeRestore(
+            abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        )
+        return self.manager.restore(step, args=ocp.args.Composite(state=state))["state"]
 
     def _set_aside(self, step: int) -> None:
         """Moves a damaged step out of the way of a resumed run's saves (training only)."""

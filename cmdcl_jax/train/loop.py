@@ -76,12 +76,17 @@ def train_and_evaluate(
         )
         setup.ensure_tiny_clip(model_cfg, task, workdir, config.dataset.crop_size)
         run = setup.build_run(config, task, model_cfg)
-        train_iter = setup.make_loader(
-            config, task, split=config.dataset.train_split, training=True, seed=config.seed
-        )
         if checkpoints.latest_step() is not None:
-            run.state, train_iter, step = checkpoints.restore(run.state, train_iter)
+            run.state, step = checkpoints.restore(run.state)
             logging.info("Resumed from step %d in %s", step, workdir)
+        train_iter = setup.make_loader(
+            config,
+            task,
+            split=config.dataset.train_split,
+            training=True,
+            seed=config.seed,
+            start_step=int(run.state["step"]),
+        )
         steps = list(checkpoints.manager.all_steps())
         checkpoints.scores = _logged_scores(workdir, config, task, steps)
         return _train_loop(config, workdir, run, checkpoints, train_iter, record)
@@ -159,7 +164,7 @@ def _train_loop(
                 flush()
             if last or step % config.checkpoint.every_steps == 0:
                 flush()  # never save after a non-finite step
-                checkpoints.save(step, run.state, train_iter, record)
+                checkpoints.save(step, run.state, record)
             if last or (config.eval.every_steps > 0 and step % config.eval.every_steps == 0):
                 results = evaluate_and_log()
         if not results:  # the run was already complete: report its evaluation again
@@ -203,7 +208,7 @@ def evaluate_checkpoint(
     run_record.check_identity(workdir, record, previous)
     setup.ensure_tiny_clip(model_cfg, task, workdir, config.dataset.crop_size)
     run = setup.build_run(config, task, model_cfg)
-    restored, _, step = checkpoints.restore({"params": run.state["params"]}, step=step)
+    restored, step = checkpoints.restore({"params": run.state["params"]}, step=step)
     run.state = {**run.state, "params": restored["params"]}
     results = evaluate_splits(config, run)
     _record_evaluation(workdir, step, results)

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from cmdcl_jax import atomic, sharding
-from cmdcl_jax.data import builders, causal_kitchen, pipeline
+from cmdcl_jax.data import builders, causal_kitchen, order, pipeline
 from cmdcl_jax.models.cmdcl import TRAINABLE, CMDCLConfig, build_cmdcl
 from cmdcl_jax.models.tiny_clip import write_tiny_clip
 
@@ -119,7 +119,7 @@ def ensure_tiny_clip(model_cfg: CMDCLConfig, task: Task, workdir: Path, image_si
 def steps_per_epoch(config: ml_collections.ConfigDict, task: Task) -> int:
     builder = pipeline.load_builder(task.dataset, config.dataset.data_dir, task.data_config)
     n = builder.info.splits[config.dataset.train_split].num_examples
-    return max(1, n // config.train.batch_size)
+    return order.batches_per_epoch(n, config.train.batch_size)
 
 
 def total_steps(config: ml_collections.ConfigDict, task: Task) -> int:
@@ -174,8 +174,11 @@ def build_run(config: ml_collections.ConfigDict, task: Task, model_cfg: CMDCLCon
     return Run(task, graphdef, state, frozen, mesh, tx, num_steps)
 
 
-def make_loader(config, task: Task, *, split: str, training: bool, seed: int = 0):
-    """The training loader (shuffled, augmented, endless) or one pass of evaluation."""
+def make_loader(
+    config, task: Task, *, split: str, training: bool, seed: int = 0, start_step: int = 0
+):
+    """The training loader (shuffled, augmented, endless, from global batch ``start_step``)
+    or one pass of evaluation."""
     d = config.dataset
     common = dict(
         task=task.task,
@@ -188,7 +191,12 @@ def make_loader(config, task: Task, *, split: str, training: bool, seed: int = 0
     )
     if training:
         return pipeline.make_train_loader(
-            d.name, d.data_dir, seed=seed, scale=tuple(d.crop_area), **common
+            d.name,
+            d.data_dir,
+            seed=seed,
+            start_step=start_step,
+            scale=tuple(d.crop_area),
+            **common,
         )
     return pipeline.make_eval_loader(
         d.name,

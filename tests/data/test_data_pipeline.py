@@ -1,12 +1,13 @@
-"""Grain loaders: shapes, per-process shards, resumption, deterministic test views."""
+"""Grain loaders: shapes, the global training order on any process count, resumption from
+a step, deterministic test views."""
 
-import json
+import pickle
 import shutil
 
 import numpy as np
 import pytest
 
-from cmdcl_jax.data import pipeline
+from cmdcl_jax.data import order, pipeline
 from cmdcl_jax.data.transforms import segment_indices
 
 
@@ -66,30 +67,48 @@ def test_eval_shards_disjoint_and_cover_split(kitchen):
     assert num_batches == {3}  # ceil(ceil(13 / 3) / 2): equal on every process
 
 
-def test_train_shards_disjoint_and_cover_split(kitchen):
-    shards = []
-    for process in range(2):
-        it = _train(kitchen, batch_size=2, num_epochs=1, num_workers=0,
-                    process_index=process, process_count=2)  # fmt: skip
-        shards.append({int(i) for b in it for i in b["index"]})
-    assert not shards[0] & shards[1]
-    assert shards[0] | shards[1] == set(range(30))
-
-
-def test_resume_gives_identical_batches(kitchen):
-    it = _train(kitchen, num_workers=2, seed=7)
-    for _ in range(3):
-        next(it)
-    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-    expected = [next(it) for _ in range(9)]  # crosses the 7-batch epoch boundary
+def _take(it, num_batches: int) -> list[dict]:
+    batches = [next(it) for _ in range(num_batches)]
     it.close()
-    resumed = _train(kitchen, num_workers=2, seed=7)
-    resumed.set_state(state)
-    for want in expected:
-        got = next(resumed)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key])
-    resumed.close()
+    return batches
+
+
+def test_processes_share_the_global_batches_and_resume_from_a_step(kitchen):
+    # 30 examples in global batches of 4: 7 an epoch, 2 examples left out of each.
+    one = _take(_train(kitchen, seed=7, num_workers=0), 9)  # crosses the epoch boundary
+    parts = [
+        _take(_train(kitchen, seed=7, num_workers=0, process_index=p, process_count=2), 9)
+        for p in range(2)
+    ]
+    for g, want in enumerate(one):
+        for key in want:  # pixel for pixel: the augmentation ignores the process layout
+            got = np.concatenate([parts[0][g][key], parts[1][g][key]])
+            np.testing.assert_array_equal(got, want[key], err_msg=f"batch {g} {key}")
+    epochs = [np.concatenate([b["index"] for b in one[:7]]), one[7]["index"]]
+    assert len(set(epochs[0])) == 28 and set(epochs[0]) <= set(range(30))
+    assert not np.array_equal(epochs[1], epochs[0][:4])  # epoch 1 is shuffled anew
+    resumed = _take(_train(kitchen, seed=7, num_workers=0, start_step=5, process_index=1,
+                           process_count=2), 4)  # fmt: skip
+    for g, got in enumerate(resumed, start=5):
+        for key in got:
+            np.testing.assert_array_equal(got[key], parts[1][g][key], err_msg=f"batch {g} {key}")
+    other_seed = _take(_train(kitchen, seed=8, num_workers=0), 1)[0]
+    assert not np.array_equal(other_seed["video"], one[0]["video"])
+
+
+def test_epoch_order_is_whole_batches_of_a_fresh_permutation():
+    stream = order.EpochOrder(10, 4, seed=3, num_epochs=2)
+    assert len(stream) == 16  # floor(10 / 4) = 2 batches an epoch
+    epochs = [[stream[i] for i in range(8 * e, 8 * e + 8)] for e in range(2)]
+    for e, taken in enumerate(epochs):
+        assert taken == list(stream.permutation(e)[:8]) and len(set(taken)) == 8
+    assert epochs[0] != epochs[1]
+    copy = pickle.loads(pickle.dumps(stream))  # as grain's worker processes get it
+    assert [copy[i] for i in range(16)] == epochs[0] + epochs[1]
+    with pytest.raises(IndexError, match="stream position 16 not in"):
+        stream[16]
+    with pytest.raises(ValueError, match="batch_size 12 is more than the 10 examples"):
+        order.EpochOrder(10, 12, seed=3, num_epochs=None)
 
 
 def test_test_time_sampling_is_deterministic(kitchen):
