@@ -14,6 +14,16 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()  # grain workers and absl-using code outside app.run
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for the ``python -m cmdcl_jax.main`` subprocesses: a resumed or
+    repeated run compiles the same steps (measured: 50 s of CPU instead of 118 s for a
+    6-step run done twice). This process's JAX read its settings before this runs."""
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+    yield
+    del os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """Where the training tests build CausalKitchen (once)."""
