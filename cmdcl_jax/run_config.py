@@ -5,6 +5,8 @@ It lives in the package, so that a config file loads by path from any directory.
 
 import ml_collections
 
+from cmdcl_jax.sharding import MIN_SHARDED_SIZE
+
 
 def base_config() -> ml_collections.ConfigDict:
     """The paper's training settings (Sec. 4.1) on the paper-scale model."""
@@ -76,4 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 fills the devices left
     c.mesh.fsdp = 1  # > 1 shards parameters and optimizer state
+    # With fsdp > 1: arrays of fewer elements stay replicated (norms, biases; 2**14 float32
+    # is 64 KiB), larger ones are split over fsdp along an axis that divides by it.
+    c.mesh.fsdp_min_size = MIN_SHARDED_SIZE
+    c.mesh.shard_frozen = True  # the frozen CLIP sharded like the parameters, or replicated
     return c

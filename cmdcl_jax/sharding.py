@@ -3,7 +3,9 @@
 The mesh has two axes: ``data`` (batch parallel) and ``fsdp`` (batch parallel too, and
 parameters plus optimizer state sharded over it). A size of -1 fills the devices left.
 With ``fsdp == 1`` (the default) every parameter is replicated: plain data parallelism
-over every device of every process.
+over every device of every process. With ``fsdp > 1`` an array of at least ``min_size``
+elements is split over ``fsdp``; smaller ones stay replicated (splitting them saves
+little memory for the gathers it costs).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
+MIN_SHARDED_SIZE = 2**14  # elements; the default of ``config.mesh.fsdp_min_size``
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -40,23 +43,30 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def param_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+def param_sharding(
+    shape: tuple[int, ...], mesh: Mesh, min_size: int = MIN_SHARDED_SIZE
+) -> NamedSharding:
     """Replicated, or with ``fsdp > 1`` split over ``fsdp`` along the largest axis that
-    divides by it (small or indivisible arrays stay replicated)."""
+    divides by it (arrays under ``min_size`` elements or indivisible stay replicated)."""
     n = mesh.shape["fsdp"]
-    if n == 1 or math.prod(shape) < 2**14:
-        return NamedSharding(mesh, P())
+    if n == 1 or math.prod(shape) < min_size:
+        return replicated(mesh)
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
         if shape[axis] % n == 0:
             spec = [None] * len(shape)
             spec[axis] = "fsdp"
             return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device."""
     return NamedSharding(mesh, P())
 
 
-def tree_shardings(tree, mesh: Mesh):
+def tree_shardings(tree, mesh: Mesh, min_size: int = MIN_SHARDED_SIZE):
     """:func:`param_sharding` for every array leaf of ``tree``."""
-    return jax.tree.map(lambda x: param_sharding(np.shape(x), mesh), tree)
+    return jax.tree.map(lambda x: param_sharding(np.shape(x), mesh, min_size), tree)
 
 
 def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from absl import flags
+from flax import nnx
 from synthetic_runs import (
     TRAINED,
     checkpoint_steps,
@@ -366,3 +367,31 @@ def test_damaged_kitchen_build_is_named_and_rebuilt(tmp_path, caplog):
         and "building CausalKitchen again" in caplog.text
     )
     assert shard.read_bytes() == whole  # the same seed builds the same bytes
+
+
+def test_copied_workdir_is_the_same_run_at_its_new_path(trained, run_copy, data_dir):
+    from cmdcl_jax.predict import load_model
+
+    record = run_record.read(run_copy)
+    assert record["model"]["clip"] == "tiny_clip"  # relative: no path of the original
+    before = snapshot(run_copy)
+    config = synthetic(data_dir, **TRAINED)
+    task = setup.prepare_task(config)
+    model_cfg = setup.model_config(config, run_copy)
+    assert model_cfg.clip == str(run_copy.absolute() / "tiny_clip")
+    checkpoints = Checkpoints(run_copy)
+    # Training's check before it resumes: the copy's run.json is this run's, unchanged.
+    reconciled = run_record.reconcile(
+        run_copy,
+        run_record.make_record(config, task, model_cfg, run_copy),
+        latest_step=checkpoints.latest_step(),
+        allow_config_change=False,
+        recover=checkpoints.run_record,
+    )
+    assert reconciled == record
+    assert snapshot(run_copy) == before
+    # Prediction finds the copy's CLIP and restores the same weights as the original's.
+    model, _ = load_model(run_copy)
+    original, _ = load_model(trained[0])
+    pairs = list(zip(*map(jax.tree.leaves, (nnx.state(model), nnx.state(original))), strict=True))
+    assert pairs and all(np.array_equal(a, b) for a, b in pairs)

@@ -275,8 +275,11 @@ class Clip(nnx.Module):
         self.text = ClipText(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     @classmethod
-    def from_pretrained(cls, source, *, dtype=None, param_dtype=jnp.float32) -> Clip:
-        """Loads a ``CLIPModel`` checkpoint: a ``save_pretrained`` directory or a hub id."""
+    def from_pretrained(
+        cls, source, *, dtype=None, param_dtype=jnp.float32, place: hf_weights.Place | None = None
+    ) -> Clip:
+        """Loads a ``CLIPModel`` checkpoint (a ``save_pretrained`` directory or a hub id)
+        tensor by tensor, each parameter onto ``place(shape)`` when given."""
         directory = hf_weights.resolve(source)
         cfg = ClipConfig.read(directory)
         return hf_weights.load_module(
@@ -284,6 +287,7 @@ class Clip(nnx.Module):
             hf_weights.read_tensors(directory),
             RULES,
             source=str(source),
+            place=place,
         )
 
     def save_pretrained(self, directory) -> None:

@@ -363,16 +363,23 @@ def text_embeddings(clip: Clip, source: str, prompts: Sequence[str]) -> np.ndarr
     return np.asarray(normalize(features))
 
 
-def build_cmdcl(cfg: CMDCLConfig, class_names: Sequence[str], *, seed: int = 0) -> CMDCL:
+def build_cmdcl(
+    cfg: CMDCLConfig,
+    class_names: Sequence[str],
+    *,
+    seed: int = 0,
+    place_clip: hf_weights.Place | None = None,
+) -> CMDCL:
     """Builds CMDCL with its pretrained parts loaded and T initialised from T0.
 
-    CLIP is always loaded from ``cfg.clip``; TimeSformer and Q-Former from their sources
-    when set, else randomly initialised. Everything else is randomly initialised.
+    CLIP is always loaded from ``cfg.clip`` (each weight onto ``place_clip(shape)`` when
+    given); TimeSformer and Q-Former from their sources when set, else randomly
+    initialised. Everything else is randomly initialised.
     """
     arch = read_architectures(cfg)
     model = CMDCL(cfg, arch, len(class_names), rngs=nnx.Rngs(seed))
     dtype = jnp.dtype(cfg.dtype)
-    clip = Clip.from_pretrained(cfg.clip, dtype=dtype)
+    clip = Clip.from_pretrained(cfg.clip, dtype=dtype, place=place_clip)
     model.text_embeddings[...] = jnp.asarray(
         text_embeddings(clip, cfg.clip, class_prompts(cfg, class_names))
     )

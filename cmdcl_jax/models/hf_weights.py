@@ -2,29 +2,34 @@
 
 A checkpoint source is a local directory written by ``save_pretrained`` or a Hugging Face
 model id (fetched into the local hub cache; offline machines must pass a directory).
-Tensors are read with ``safetensors.numpy``: no PyTorch at run time. A legacy
-``pytorch_model.bin`` is read only where PyTorch happens to be installed.
+Tensors are read one at a time with ``safetensors`` (numpy): no PyTorch at run time, and
+the peak memory of a load is the model plus one tensor. A legacy ``pytorch_model.bin`` is
+read (whole) only where PyTorch happens to be installed.
 
 Each model file declares a table of rules ``(hf_key_regex, module_path_template, transform)``.
-:func:`load_params` fills every ``nnx.Param`` of the module from the tensors the rules
+:func:`load_module` fills every ``nnx.Param`` of the module from the tensors the rules
 match and raises :class:`WeightLoadError` naming the file and parameter at fault when a
 parameter finds no tensor or a shape disagrees: no parameter is left silently random.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 Transform = Callable[[np.ndarray], np.ndarray]
 Rule = tuple[str, str, Transform]
+Tensors = dict[str, tuple[Callable[[], np.ndarray], Path]]  # key -> (read it, its file)
+Place = Callable[[tuple[int, ...]], jax.sharding.Sharding]  # parameter shape -> sharding
 
 
 class WeightLoadError(ValueError):
@@ -124,9 +129,13 @@ def read_preprocessor(directory: Path) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def read_tensors(directory: Path) -> dict[str, tuple[np.ndarray, Path]]:
-    """Reads every tensor of a checkpoint directory as ``{key: (array, file)}``."""
-    from safetensors.numpy import load_file
+def read_tensors(directory: Path) -> Tensors:
+    """Indexes every tensor of a checkpoint directory as ``{key: (read, file)}``.
+
+    Safetensors files are opened for their headers only; ``read()`` then loads its one
+    tensor, so a checkpoint is never held whole in memory.
+    """
+    from safetensors import safe_open
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -145,11 +154,24 @@ def read_tensors(directory: Path) -> dict[str, tuple[np.ndarray, Path]]:
         if not path.is_file():
             raise WeightLoadError(f"{path}: listed in {index.name} but missing")
         try:
-            loaded = load_file(str(path))
+            with safe_open(str(path), framework="np") as f:
+                keys = list(f.keys())
         except Exception as err:  # noqa: BLE001 - a corrupt file, whatever the parser says
             raise WeightLoadError(f"{path}: unreadable safetensors file ({err})") from err
-        tensors.update({k: (v, path) for k, v in loaded.items()})
+        tensors.update({k: (functools.partial(_read_safetensor, path, k), path) for k in keys})
     return tensors
+
+
+def _read_safetensor(path: Path, key: str) -> np.ndarray:
+    """One tensor of a safetensors file. The file is opened (memory-mapped) for this
+    tensor alone, so the pages read are released with it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return f.get_tensor(key)
+    except Exception as err:  # noqa: BLE001 - a corrupt file, whatever the parser says
+        raise WeightLoadError(f"{path}: tensor {key!r} unreadable ({err})") from err
 
 
 def _read_torch_bin(path: Path) -> dict[str, tuple[np.ndarray, Path]]:
@@ -161,7 +183,12 @@ def _read_torch_bin(path: Path) -> dict[str, tuple[np.ndarray, Path]]:
             "to safetensors (load it with transformers and call save_pretrained)."
         ) from err
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: (v.float().numpy(), path) for k, v in state.items()}
+    return {k: (functools.partial(_float32_numpy, v), path) for k, v in state.items()}
+
+
+def _float32_numpy(tensor) -> np.ndarray:
+    """A PyTorch tensor as a float32 numpy array."""
+    return tensor.float().numpy()
 
 
 def param_paths(module: nnx.Module) -> dict[str, nnx.Param]:
@@ -175,44 +202,30 @@ def param_paths(module: nnx.Module) -> dict[str, nnx.Param]:
 
 def load_module(
     make: Callable[[], nnx.Module],
-    tensors: dict[str, tuple[np.ndarray, Path]],
+    tensors: Tensors,
     rules: Sequence[Rule],
     *,
     source: str,
+    place: Place | None = None,
 ) -> nnx.Module:
-    """Builds ``make()`` without random initialisation and fills it with :func:`load_params`.
+    """Builds ``make()`` without initialising it and fills every parameter from ``tensors``.
 
-    The module is traced with ``nnx.eval_shape``; its parameters get zero storage, which
-    ``load_params`` then overwrites in full or raises: nothing stays zero silently.
-    """
-    module = nnx.eval_shape(make)
-    for var in param_paths(module).values():
-        var.set_value(jnp.zeros(var.shape, var.dtype))
-    load_params(module, tensors, rules, source=source)
-    return module
-
-
-def load_params(
-    module: nnx.Module,
-    tensors: dict[str, tuple[np.ndarray, Path]],
-    rules: Sequence[Rule],
-    *,
-    source: str,
-) -> None:
-    """Fills every parameter of ``module`` in place from ``tensors`` through ``rules``.
-
-    A tensor key is matched against the rules in order (``re.fullmatch``); the first match
-    names the target parameter (``match.expand(template)``) and the transform to apply.
-    Tensors no rule matches are ignored (other towers, buffers).
+    The module is traced with ``nnx.eval_shape`` (no parameter storage); each tensor is
+    then read, converted and put in place one at a time, on ``place(shape)`` when given
+    (each device gets only its shard) or on the default device. A tensor key is matched
+    against ``rules`` in order (``re.fullmatch``); the first match names the target
+    parameter (``match.expand(template)``) and the transform to apply. Tensors no rule
+    matches are not read (other towers, buffers).
 
     Raises:
       WeightLoadError: a rule names a parameter the module lacks, a shape disagrees, or a
         parameter of the module is not filled. The message names file and parameter.
     """
+    module = nnx.eval_shape(make)
     targets = param_paths(module)
     compiled = [(re.compile(p), t, f) for p, t, f in rules]
     filled: set[str] = set()
-    for key, (array, file) in tensors.items():
+    for key, (read, file) in tensors.items():
         for pattern, template, transform in compiled:
             match = pattern.fullmatch(key)
             if match is None:
@@ -223,15 +236,16 @@ def load_params(
                     f"{file}: tensor {key!r} maps to parameter {target!r}, which this model "
                     f"does not have (is the config the checkpoint's?)"
                 )
-            value = transform(np.asarray(array))
+            array = read()
             var = targets[target]
+            value = np.asarray(transform(array), dtype=var.dtype)
             if value.shape != var.shape:
                 raise WeightLoadError(
                     f"{file}: tensor {key!r} has shape {tuple(array.shape)} (as "
                     f"{tuple(value.shape)} after conversion) but parameter {target!r} "
                     f"expects {tuple(var.shape)}"
                 )
-            var[...] = jnp.asarray(value, dtype=var.dtype)
+            var.set_value(_put(value, place))
             filled.add(target)
             break
     missing = sorted(set(targets) - filled)
@@ -242,12 +256,20 @@ def load_params(
         )
         raise WeightLoadError(
             f"{source}: no tensor in {files} for parameter(s) {shown}; refusing to leave them "
-            "randomly initialised"
+            "uninitialised"
         )
+    return module
+
+
+def _put(value: np.ndarray, place: Place | None) -> jax.Array:
+    """``value`` on the default device, or on ``place(value.shape)`` shard by shard."""
+    if place is None:
+        return jnp.asarray(value)
+    return jax.make_array_from_callback(value.shape, place(value.shape), lambda i: value[i])
 
 
 def export_params(module: nnx.Module, rules: Sequence[Rule]) -> dict[str, np.ndarray]:
-    """The inverse of :func:`load_params`: ``{hf_key: array}`` for every parameter.
+    """The inverse of :func:`load_module`: ``{hf_key: array}`` for every parameter.
 
     Works for rules whose patterns are plain keys with ``(\\d+)`` groups (dots may stay
     unescaped) and whose transforms are listed in :data:`INVERSES`; used to write

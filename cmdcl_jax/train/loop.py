@@ -155,6 +155,8 @@ def _train_loop(
                 tx=run.tx,
                 kind=run.task.kind,
                 accum_steps=config.train.accum_steps,
+                mesh=run.mesh,
+                fsdp_min_size=config.mesh.fsdp_min_size,
             )
             step += 1
             bar.update(1)

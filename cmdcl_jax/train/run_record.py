@@ -40,6 +40,8 @@ RESUMABLE = frozenset(
         "config.checkpoint.async_save",
         "config.mesh.data",
         "config.mesh.fsdp",
+        "config.mesh.fsdp_min_size",
+        "config.mesh.shard_frozen",
     }
 )
 COMPARED = ("config", "kind", "class_names", "model")  # the rest is derived from these

@@ -155,22 +155,32 @@ class Run:
     task: Task
     graphdef: Any
     state: dict  # {"step", "params" (trainable), "opt_state"}, sharded on mesh
-    frozen: Any  # the frozen CLIP, replicated
+    frozen: Any  # the frozen CLIP, sharded like the parameters or replicated
     mesh: Any
     tx: optax.GradientTransformation
     num_steps: int
 
 
 def build_run(config: ml_collections.ConfigDict, task: Task, model_cfg: CMDCLConfig) -> Run:
-    """Builds the model, its optimizer state and the mesh they are placed on."""
-    model = build_cmdcl(model_cfg, task.class_names, seed=config.seed)
-    graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
+    """Builds the model, its optimizer state and the mesh they are placed on: parameters
+    and optimizer state sharded over ``config.mesh`` (see :mod:`cmdcl_jax.sharding`), the
+    frozen CLIP too unless ``config.mesh.shard_frozen`` is False."""
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    min_size = config.mesh.fsdp_min_size
+
+    def place_frozen(shape: tuple[int, ...]) -> jax.sharding.Sharding:
+        if config.mesh.shard_frozen:
+            return sharding.param_sharding(shape, mesh, min_size)
+        return sharding.replicated(mesh)
+
+    # CLIP is read straight onto its placement; the rest of the frozen state is put there.
+    model = build_cmdcl(model_cfg, task.class_names, seed=config.seed, place_clip=place_frozen)
+    graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
+    frozen = jax.device_put(frozen, jax.tree.map(lambda x: place_frozen(x.shape), frozen))
     num_steps = total_steps(config, task)
     tx = make_optimizer(config.train, num_steps)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-    state = jax.device_put(state, sharding.tree_shardings(state, mesh))
-    frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, mesh))
+    state = jax.device_put(state, sharding.tree_shardings(state, mesh, min_size))
     return Run(task, graphdef, state, frozen, mesh, tx, num_steps)
 
 

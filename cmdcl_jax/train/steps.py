@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from cmdcl_jax import sharding
+
 
 def loss_fn(logits: jax.Array, labels: jax.Array, kind: str) -> jax.Array:
     """Softmax cross-entropy (labels int [B]) or sigmoid BCE (labels multi-hot [B, C])."""
@@ -23,10 +25,22 @@ def loss_fn(logits: jax.Array, labels: jax.Array, kind: str) -> jax.Array:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "tx", "kind", "accum_steps"),
+    static_argnames=("graphdef", "tx", "kind", "accum_steps", "mesh", "fsdp_min_size"),
     donate_argnames=("state",),
 )
-def train_step(state, frozen, batch, base_key, *, graphdef, tx, kind, accum_steps):
+def train_step(
+    state,
+    frozen,
+    batch,
+    base_key,
+    *,
+    graphdef,
+    tx,
+    kind,
+    accum_steps,
+    mesh=None,
+    fsdp_min_size=sharding.MIN_SHARDED_SIZE,
+):
     """One optimizer step on a global batch, split in ``accum_steps`` micro-batches.
 
     Args:
@@ -34,6 +48,9 @@ def train_step(state, frozen, batch, base_key, *, graphdef, tx, kind, accum_step
       frozen: the rest of the model (CLIP).
       batch: ``video`` uint8 [B, L, H, W, 3] and ``label``.
       base_key: the run's key; the step's dropout key is ``fold_in(base_key, step)``.
+      mesh, fsdp_min_size: with a mesh, the new state is laid out as
+        ``sharding.tree_shardings`` places it (else the compiler may leave sharded
+        parameters gathered).
 
     Returns:
       (new state, ``{"loss", "grad_norm"}``).
@@ -64,6 +81,9 @@ def train_step(state, frozen, batch, base_key, *, graphdef, tx, kind, accum_step
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    if mesh is not None:
+        layout = sharding.tree_shardings(new_state, mesh, fsdp_min_size)
+        new_state = jax.lax.with_sharding_constraint(new_state, layout)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 

@@ -35,6 +35,7 @@ def check_config(config: ml_collections.ConfigDict, process_count: int) -> None:
         ("eval.num_crops", e.num_crops),
         ("dataset.num_frames", config.dataset.num_frames),
         ("dataset.crop_size", config.dataset.crop_size),
+        ("mesh.fsdp_min_size", config.mesh.fsdp_min_size),
     ):
         if value < 1:
             _fail(key, value, "must be at least 1")
