@@ -302,8 +302,8 @@ def test_fsdp_shards_the_state_trains_as_data_parallel_and_restores_on_one_devic
     for tree in (run.state["params"], run.state["opt_state"], run.frozen):
         split, leaves = fsdp_split(tree), jax.tree.leaves(tree)
         assert split and len(split) < len(leaves)  # the small ones stay replicated
-    train_iter = iter(setup.make_loader(config, run.task, split="train", training=True))
-    batches = [next(train_iter) for _ in range(3)]
+    loader = iter(setup.make_loader(config, run.task, split="train", training=True))
+    batches = [next(loader) for _ in range(3)]
     host_state, host_frozen = jax.device_get((run.state, run.frozen))
     losses, states = {}, {}
     for fsdp in (8, 1):
@@ -334,9 +334,9 @@ def test_fsdp_shards_the_state_trains_as_data_parallel_and_restores_on_one_devic
     assert losses[8] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
 
     checkpoints = Checkpoints(tmp_path)
-    checkpoints.save(3, states[8], train_iter, {})
+    checkpoints.save(3, states[8], {})
     checkpoints.prune()
-    restored, _, step = checkpoints.restore(states[1])
+    restored, step = checkpoints.restore(states[1])
     assert step == 3 and not fsdp_split(restored)
     pairs = list(zip(*map(jax.tree.leaves, jax.device_get((states[8], restored))), strict=True))
     assert pairs and all(np.array_equal(a, b) for a, b in pairs)
