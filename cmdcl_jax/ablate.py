@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -202,7 +203,9 @@ def run_ablation(
             timing = f"{_minutes(time.time() - t)}; elapsed {_minutes(time.time() - start)}"
             timing += f", ETA {_minutes(eta)} for {left} more"
             if code:
-                failures.append(f"{name}: FAILED with exit status {code}, log {workdir}/main.log")
+                log = workdir / "main.log"
+                error = next((x for x in reversed(log.read_text().splitlines()) if x.strip()), "")
+                failures.append(f"{name}: FAILED with exit status {code}, log {log}: {error}")
                 print(f"{failures[-1]} ({timing})", flush=True)
                 continue
         else:
@@ -216,11 +219,15 @@ def run_ablation(
     return rows, failures, metric
 
 
-def write_tables(root: Path, rows: list[dict], failures: list[str], metric: str) -> str:
-    """Writes ablation.md and the CSVs in ``root``; returns the markdown."""
+def write_tables(
+    root: Path, rows: list[dict], failures: list[str], metric: str, command: str
+) -> str:
+    """Writes ablation.md (headed by the ``command`` that made it) and the CSVs in
+    ``root``; returns the markdown."""
     summary, pairs = table.summary(rows), table.paired(rows, metric)
     parts = [
         "# Ablation (paper Table 3)",
+        f"`{command}`",
         f"Mean ± std (population) over seeds of {metric} at each run's best checkpoint "
         f"(picked on the first eval split); gap: {table.IID} minus {table.SHIFTED}; "
         f"fit: {metric} >= {table.FIT} on the training split; collapsed: at most "
@@ -263,7 +270,8 @@ def main(argv):
     rows, failures, metric = run_ablation(
         root, _CONFIG.value, runs, _SET.value, finished_only=_FINISHED_ONLY.value
     )
-    print("\n" + write_tables(root, rows, failures, metric))
+    command = "python -m cmdcl_jax.ablate " + shlex.join(sys.argv[1:])
+    print("\n" + write_tables(root, rows, failures, metric, command))
     print(f"{len(rows)} runs finished, {len(failures)} failed, in {_minutes(time.time() - start)}")
     if failures:
         sys.exit(1)
