@@ -230,8 +230,12 @@ def write_tables(
         f"`{command}`",
         f"Mean ± std (population) over seeds of {metric} at each run's best checkpoint "
         f"(picked on the first eval split); gap: {table.IID} minus {table.SHIFTED}; "
-        f"fit: {metric} >= {table.FIT} on the training split; collapsed: at most "
-        f"{table.COLLAPSED_CLASSES} classes predicted on {table.IID}.",
+        f"fit: {metric} >= {table.FIT} on the training split"
+        + (
+            f"; collapsed: at most {table.COLLAPSED_CLASSES} classes predicted on {table.IID}."
+            if rows and "collapsed" in rows[0]
+            else "."
+        ),
     ]
     if rows:
         parts += ["## Variants", table.summary_markdown(summary, rows)]
