@@ -57,6 +57,16 @@ def scores(file: Path, split: str, metric: str) -> dict[int, float]:
     }
 
 
+def evaluation_at(file: Path, step: int, metric: str) -> dict[str, dict]:
+    """``{split: values}`` of the training run's evaluations at ``step`` (lines holding
+    ``metric``, which tells an evaluation of the training split from a loss line)."""
+    return {
+        line["split"]: {k: v for k, v in line.items() if k not in ("step", "split")}
+        for line in map(_parse, file.read_text().splitlines())
+        if line is not None and line.get("step") == step and metric in line and _from_training(line)
+    }
+
+
 class Writer:
     """Process 0's metrics: one JSON line each in ``metrics.jsonl`` and TensorBoard.
 

@@ -26,6 +26,8 @@ from cmdcl_jax.data import builders, causal_kitchen, order, pipeline
 from cmdcl_jax.models.cmdcl import TRAINABLE, CMDCLConfig, build_cmdcl
 from cmdcl_jax.models.tiny_clip import write_tiny_clip
 
+BEST_METRIC = {"single": "acc1", "multi": "mAP"}  # by task kind: what picks the best checkpoint
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -39,7 +41,7 @@ class Task:
 
     @property
     def best_metric(self) -> str:
-        return "acc1" if self.kind == "single" else "mAP"
+        return BEST_METRIC[self.kind]
 
 
 def _ensure_causal_kitchen(data_dir: str, spec: dict) -> str:
