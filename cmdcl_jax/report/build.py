@@ -38,7 +38,7 @@ def restore(workdir: Path, step: int | None):
 
 
 def run_outputs(workdir: Path, step, split: str, data_dir: str | None):
-    """(run.json, step, SplitOutputs of ``split``) of a run's checkpoint."""
+    """(run.json, step, SplitOutputs of ``split``, the data dir read) of a run's checkpoint."""
     model, run, step = restore(workdir, step)
     data_dir = data_dir or run["config"]["dataset"]["data_dir"]
     batch = run["config"]["eval"]["batch_size"]
@@ -72,7 +72,11 @@ def make_report(
         draw(data, png)
         figures[key] = {"png": png.name, "data": data}
 
-    add("curves", figure_data.training_curves(lines), lambda d, p: plots.curves(d, name, p))
+    add(
+        "curves",
+        figure_data.training_curves(lines),
+        lambda d, p: plots.curves(d, f"{name} ({workdir.name})", p),
+    )
     if kind == "single":
         data = figure_data.confusion(outputs, classes)
         add("confusion", data, lambda d, p: plots.confusion(d, f"{title}: confusion", p))
@@ -92,17 +96,22 @@ def make_report(
             data,
             lambda d, p: plots.co_classification(d, f"{title}: P(action i | action j)", p),
         )
-        panels = [(f"{name} ({workdir.name})", figure_data.matching(outputs, classes, actions))]
+        panels = [
+            {
+                "run": f"{name} ({workdir.name}, step {step})",
+                **figure_data.matching(outputs, classes, actions),
+            }
+        ]
         if compare is not None:
             other_run, other_step, other, _ = run_outputs(compare, None, split, data_dir)
             if other_run["class_names"] != classes:
                 raise ValueError(f"{compare}: classes differ from {workdir}'s")
             label = f"{variant(other_run)} ({compare.name}, step {other_step})"
-            panels.insert(0, (label, figure_data.matching(other, classes, actions)))
+            panels.insert(0, {"run": label, **figure_data.matching(other, classes, actions)})
         add(
             "matching",
-            {label: data for label, data in panels},
-            lambda d, p: plots.matching(list(d.items()), f"matching probabilities, {split}", p),
+            {"panels": panels},
+            lambda d, p: plots.matching(d["panels"], f"matching probabilities, {split}", p),
         )
     else:
         skipped["co_classification"] = skipped["matching"] = "needs per-frame atomic actions"

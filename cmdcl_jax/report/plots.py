@@ -27,8 +27,7 @@ def _save(fig, path: Path) -> None:
 def _matrix(ax, values, rows, cols, title, vmin=0.0, vmax=None, fmt="{:.2f}"):
     """A heatmap with each cell's value written in it (NaN cells grey and blank)."""
     values = np.array(values, dtype=np.float64)
-    cmap = plt.get_cmap(CMAP).copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap(CMAP).with_extremes(bad="lightgrey")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
@@ -99,19 +98,21 @@ def co_classification(data: dict, title: str, path: Path) -> None:
     _save(fig, path)
 
 
-def matching(panels: list[tuple[str, dict]], title: str, path: Path) -> None:
-    """Per run (columns) and frame embedding (rows): the mean matching probability of the
-    frames showing each atomic action with each activity's text embedding."""
-    first = panels[0][1]
+def matching(panels: list[dict], title: str, path: Path) -> None:
+    """Per run (columns, each panel's ``run``) and frame embedding (rows): the mean matching
+    probability of the frames showing each atomic action with each activity's text embedding."""
+    first = panels[0]
     rows = [f"{a} ({n})" for a, n in zip(first["actions"], first["frames"], strict=True)]
     width, height = 3.0 + 0.55 * len(first["classes"]), 2.5 + 0.32 * len(rows)
     fig, axes = _figure(
         width * len(panels) + 1, height * len(EMBEDDINGS), len(EMBEDDINGS), len(panels)
     )
-    for col, (name, data) in enumerate(panels):
+    for col, data in enumerate(panels):
         for row, (key, embedding) in enumerate(EMBEDDINGS.items()):
             ax = axes[row, col]
-            image = _matrix(ax, data[key], rows, data["classes"], f"{name}\n{embedding}", vmax=1.0)
+            image = _matrix(
+                ax, data[key], rows, data["classes"], f"{data['run']}\n{embedding}", vmax=1.0
+            )
             ax.set(xlabel="activity text embedding T'", ylabel="atomic action shown (frames)")
     fig.colorbar(image, ax=axes.ravel().tolist(), label="mean matching probability", shrink=0.6)
     fig.suptitle(title)
