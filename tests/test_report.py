@@ -77,6 +77,7 @@ def test_report_draws_every_figure_from_the_run_logs(trained, data_dir, tmp_path
     # Matching: per-frame distributions over activities; the same run gives the same panel.
     data, again = figures["matching"]["data"]["panels"]
     assert {**data, "run": ""} == {**again, "run": ""}
+    assert data["in_recipe"] == recipes.T.tolist()
     num_frames = json.loads((workdir / "run.json").read_text())["inference"]["num_frames"]
     assert sum(data["frames"]) == NUM_TEST * num_frames
     for key in ("clip", "video"):

@@ -99,7 +99,7 @@ def make_report(
         panels = [
             {
                 "run": f"{name} ({workdir.name}, step {step})",
-                **figure_data.matching(outputs, classes, actions),
+                **figure_data.matching(outputs, classes, actions, recipes),
             }
         ]
         if compare is not None:
@@ -107,7 +107,9 @@ def make_report(
             if other_run["class_names"] != classes:
                 raise ValueError(f"{compare}: classes differ from {workdir}'s")
             label = f"{variant(other_run)} ({compare.name}, step {other_step})"
-            panels.insert(0, {"run": label, **figure_data.matching(other, classes, actions)})
+            panels.insert(
+                0, {"run": label, **figure_data.matching(other, classes, actions, recipes)}
+            )
         add(
             "matching",
             {"panels": panels},

@@ -104,13 +104,21 @@ def co_classification(
     }
 
 
-def matching(outputs: SplitOutputs, class_names: list[str], action_names: list[str]) -> dict:
+def matching(
+    outputs: SplitOutputs, class_names: list[str], action_names: list[str], recipes: np.ndarray
+) -> dict:
     """Mean matching probability [K, C] of the frames showing each atomic action, with
-    CLIP's frame embeddings (``clip``) and the video encoder's (``video``)."""
+    CLIP's frame embeddings (``clip``) and the video encoder's (``video``); ``in_recipe``
+    [K, C] marks the actions of each activity's recipe (``recipes`` 0/1 [C, K])."""
     k = len(action_names)
     shown = np.eye(k)[outputs.frame_actions]  # [N, L, K]
     frames = shown.sum(axis=(0, 1))  # [K]
-    data = {"classes": class_names, "actions": action_names, "frames": frames.astype(int).tolist()}
+    data = {
+        "classes": class_names,
+        "actions": action_names,
+        "frames": frames.astype(int).tolist(),
+        "in_recipe": np.asarray(recipes).T.astype(int).tolist(),
+    }
     for key, probs in (("clip", outputs.matching_clip), ("video", outputs.matching_video)):
         total = np.einsum("nlk,nlc->kc", shown, probs.astype(np.float64))
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -51,6 +51,7 @@ def curves(data: dict, title: str, path: Path) -> None:
         if split != "train" and metric is not None:
             eval_ax.plot(curve["step"], curve[metric], marker="o", label=f"{split} {metric}")
     eval_ax.set(xlabel="step", ylabel="metric", title="evaluation", ylim=(0, 1.02))
+    eval_ax.set_xlim(loss_ax.get_xlim())  # one step axis, also for a single evaluation
     if eval_ax.lines:
         eval_ax.legend(fontsize=8)
     fig.suptitle(title)
@@ -100,7 +101,8 @@ def co_classification(data: dict, title: str, path: Path) -> None:
 
 def matching(panels: list[dict], title: str, path: Path) -> None:
     """Per run (columns, each panel's ``run``) and frame embedding (rows): the mean matching
-    probability of the frames showing each atomic action with each activity's text embedding."""
+    probability of the frames showing each atomic action with each activity's text embedding;
+    each activity's recipe actions outlined."""
     first = panels[0]
     rows = [f"{a} ({n})" for a, n in zip(first["actions"], first["frames"], strict=True)]
     width, height = 3.0 + 0.55 * len(first["classes"]), 2.5 + 0.32 * len(rows)
@@ -114,6 +116,8 @@ def matching(panels: list[dict], title: str, path: Path) -> None:
                 ax, data[key], rows, data["classes"], f"{data['run']}\n{embedding}", vmax=1.0
             )
             ax.set(xlabel="activity text embedding T'", ylabel="atomic action shown (frames)")
+            for i, j in zip(*np.nonzero(np.array(data["in_recipe"])), strict=True):
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.2))
     fig.colorbar(image, ax=axes.ravel().tolist(), label="mean matching probability", shrink=0.6)
     fig.suptitle(title)
     _save(fig, path)
