@@ -22,9 +22,13 @@ def variant(run: dict) -> str:
 
 
 def logged(lines: list[dict], step: int, split: str) -> dict | None:
-    """The last evaluation of ``split`` logged at ``step`` (in training or ``--mode=eval``)."""
-    found = [x for x in lines if x["step"] == step and x["split"] in (split, f"eval_{split}")]
-    return found[-1] if found else None
+    """The evaluation of ``split`` logged at ``step``: the training run's, else the last
+    ``--mode=eval`` one; None if neither."""
+    for name in (split, f"eval_{split}"):
+        found = [x for x in lines if x["step"] == step and x["split"] == name]
+        if found:
+            return found[-1]
+    return None
 
 
 def restore(workdir: Path, step: int | None):
