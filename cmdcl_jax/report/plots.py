@@ -105,7 +105,7 @@ def matching(panels: list[dict], title: str, path: Path) -> None:
     each activity's recipe actions outlined."""
     first = panels[0]
     rows = [f"{a} ({n})" for a, n in zip(first["actions"], first["frames"], strict=True)]
-    width, height = 3.0 + 0.55 * len(first["classes"]), 2.5 + 0.32 * len(rows)
+    width, height = 3.8 + 0.34 * len(first["classes"]), 2.8 + 0.34 * len(rows)
     fig, axes = _figure(
         width * len(panels) + 1, height * len(EMBEDDINGS), len(EMBEDDINGS), len(panels)
     )
