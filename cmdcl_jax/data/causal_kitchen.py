@@ -125,6 +125,15 @@ def action_names(spec: KitchenSpec) -> list[str]:
     return [*names, NONCAUSAL_ACTION]
 
 
+def recipe_actions(spec: KitchenSpec) -> np.ndarray:
+    """0/1 [C, K]: the atomic actions of each activity's recipe."""
+    names = action_names(spec)
+    table = np.zeros((spec.num_activities, len(names)), np.int64)
+    for a, (_, steps) in enumerate(RECIPES[: spec.num_activities]):
+        table[a, [names.index(s) for s in steps]] = 1
+    return table
+
+
 def _glyphs(num_actions: int) -> np.ndarray:
     """Distinct (shape, colour, motion) per action: int [K, 3]."""
     i = np.arange(num_actions)
@@ -169,8 +178,12 @@ def _render(
     spec: KitchenSpec,
     glyphs: np.ndarray,
     rng: np.random.Generator,
-) -> np.ndarray:
-    """Renders one video: the glyphs of `steps` in order over a background, uint8 [T, S, S, 3]."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Renders one video: the glyphs of `steps` in order over a background.
+
+    Returns:
+        (uint8 [T, S, S, 3] frames, int [T] the action id each frame shows).
+    """
     size, num_frames = spec.frame_size, spec.num_frames
     video = np.broadcast_to(
         _background(background, size, rng), (num_frames, size, size, 3)
@@ -180,7 +193,9 @@ def _render(
     cuts = np.round(np.cumsum(shares) / shares.sum() * num_frames).astype(int)
     starts = np.concatenate([[0], cuts[:-1]])
     grid = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1  # [S] in (-1, 1)
+    frame_action = np.zeros(num_frames, np.int64)
     for step, start, stop in zip(steps, starts, np.maximum(cuts, starts + 1), strict=True):
+        frame_action[start:stop] = step  # a later step draws over an overlapping frame
         shape, colour, motion = glyphs[step]
         phase = np.linspace(0, 2 * np.pi, stop - start, endpoint=False) + rng.uniform(0, 6.3)
         cy, cx = rng.uniform(-0.15, 0.15, 2)
@@ -199,7 +214,7 @@ def _render(
         mask = _shape_mask(shape, (grid[None, :, None] - cy) / r, (grid[None, None, :] - cx) / r)
         video[start:stop][mask] = _COLOURS[colour]  # mask [t, S, S]
     # A per-video brightness shift, not per-pixel noise, so that the shards compress well.
-    return np.clip(video + rng.uniform(-20, 20), 0, 255).astype(np.uint8)
+    return np.clip(video + rng.uniform(-20, 20), 0, 255).astype(np.uint8), frame_action
 
 
 def background_probs(spec: KitchenSpec, split: str) -> np.ndarray:
@@ -272,6 +287,20 @@ def order_blind_ceiling(spec: KitchenSpec, split: str) -> float:
     return ceiling
 
 
+def _rendered(spec: KitchenSpec, split: str):
+    """Yields (labels, i, frames uint8 [T, S, S, 3], frame actions int [T]) per video."""
+    labels = sample_labels(spec, split)
+    glyphs = _glyphs(len(action_names(spec)))
+    rng = np.random.default_rng([spec.seed, SPLITS.index(split), 1])
+    for i, steps in enumerate(labels.steps):
+        yield (labels, i, *_render(steps, int(labels.background[i]), spec, glyphs, rng))
+
+
+def example_key(split: str, i: int) -> str:
+    """The key (and ``id``) of the split's i-th generated video."""
+    return f"{split}_{i:05d}"
+
+
 def generate(spec: KitchenSpec, split: str):
     """Yields the examples of one split, deterministic in (spec, split).
 
@@ -279,15 +308,16 @@ def generate(spec: KitchenSpec, split: str):
         (key, example) with example keys `frames` uint8 [T, S, S, 3], `activity` int,
         `actions` sorted positive action ids, `background` int.
     """
-    labels = sample_labels(spec, split)
-    glyphs = _glyphs(len(action_names(spec)))
-    rng = np.random.default_rng([spec.seed, SPLITS.index(split), 1])
-    for i, steps in enumerate(labels.steps):
-        background = int(labels.background[i])
+    for labels, i, frames, _ in _rendered(spec, split):
         example = {
-            "frames": _render(steps, background, spec, glyphs, rng),
+            "frames": frames,
             "activity": int(labels.activity[i]),
-            "actions": sorted(set(steps)),
-            "background": background,
+            "actions": sorted(set(labels.steps[i])),
+            "background": int(labels.background[i]),
         }
-        yield f"{split}_{i:05d}", example
+        yield example_key(split, i), example
+
+
+def frame_actions(spec: KitchenSpec, split: str) -> dict[str, np.ndarray]:
+    """The action each stored frame shows, by example key: int [T] each (renders the split)."""
+    return {example_key(split, i): frame for _, i, _, frame in _rendered(spec, split)}

@@ -46,14 +46,19 @@ def truncate_after(file: Path, step: int) -> None:
         atomic.write_text(file, "".join(f"{x}\n" for x in kept))
 
 
+def read_lines(file: Path) -> list[dict]:
+    """The file's lines as dicts, in order, less any cut short by a crash; [] if none."""
+    if not file.exists():
+        return []
+    return [line for line in map(_parse, file.read_text().splitlines()) if line is not None]
+
+
 def scores(file: Path, split: str, metric: str) -> dict[int, float]:
     """``{step: metric}`` of the training run's evaluations of ``split`` (the last per step)."""
-    if not file.exists():
-        return {}
     return {
         int(line["step"]): float(line[metric])
-        for line in map(_parse, file.read_text().splitlines())
-        if line is not None and line.get("split") == split and metric in line
+        for line in read_lines(file)
+        if line.get("split") == split and metric in line
     }
 
 
