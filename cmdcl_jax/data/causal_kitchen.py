@@ -56,6 +56,10 @@ _COLOURS = np.array(
     ],
     np.float32,
 )  # fmt: skip
+_COLOUR_NAMES = (
+    "red", "green", "yellow", "blue", "orange", "purple", "cyan", "magenta", "white", "black",
+)  # fmt: skip
+_TEXTURE_NAMES = ("banded", "striped", "checked")  # rows, columns, both (see _background)
 _SHAPES = ("disc", "square", "diamond", "cross", "ring", "triangle", "hbar", "vbar")
 _MOTIONS = ("sway", "bob", "pulse", "orbit")
 
@@ -125,6 +129,15 @@ def action_names(spec: KitchenSpec) -> list[str]:
     return [*names, NONCAUSAL_ACTION]
 
 
+def background_names(spec: KitchenSpec) -> list[str]:
+    """Words for the C backgrounds (background k is activity k's typical one): its colour
+    and texture, e.g. "red banded"."""
+    return [
+        f"{_COLOUR_NAMES[k % len(_COLOURS)]} {_TEXTURE_NAMES[k % 3]}"
+        for k in range(spec.num_activities)
+    ]
+
+
 def _glyphs(num_actions: int) -> np.ndarray:
     """Distinct (shape, colour, motion) per action: int [K, 3]."""
     i = np.arange(num_actions)
@@ -169,8 +182,12 @@ def _render(
     spec: KitchenSpec,
     glyphs: np.ndarray,
     rng: np.random.Generator,
-) -> np.ndarray:
-    """Renders one video: the glyphs of `steps` in order over a background, uint8 [T, S, S, 3]."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Renders one video: the glyphs of `steps` in order over a background.
+
+    Returns:
+        (frames uint8 [T, S, S, 3], the action shown in each frame int [T]).
+    """
     size, num_frames = spec.frame_size, spec.num_frames
     video = np.broadcast_to(
         _background(background, size, rng), (num_frames, size, size, 3)
@@ -180,6 +197,7 @@ def _render(
     cuts = np.round(np.cumsum(shares) / shares.sum() * num_frames).astype(int)
     starts = np.concatenate([[0], cuts[:-1]])
     grid = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1  # [S] in (-1, 1)
+    frame_steps = np.empty(num_frames, np.int64)
     for step, start, stop in zip(steps, starts, np.maximum(cuts, starts + 1), strict=True):
         shape, colour, motion = glyphs[step]
         phase = np.linspace(0, 2 * np.pi, stop - start, endpoint=False) + rng.uniform(0, 6.3)
@@ -198,8 +216,9 @@ def _render(
         r = radius[:, None, None]
         mask = _shape_mask(shape, (grid[None, :, None] - cy) / r, (grid[None, None, :] - cx) / r)
         video[start:stop][mask] = _COLOURS[colour]  # mask [t, S, S]
+        frame_steps[start:stop] = step
     # A per-video brightness shift, not per-pixel noise, so that the shards compress well.
-    return np.clip(video + rng.uniform(-20, 20), 0, 255).astype(np.uint8)
+    return np.clip(video + rng.uniform(-20, 20), 0, 255).astype(np.uint8), frame_steps
 
 
 def background_probs(spec: KitchenSpec, split: str) -> np.ndarray:
@@ -272,6 +291,19 @@ def order_blind_ceiling(spec: KitchenSpec, split: str) -> float:
     return ceiling
 
 
+def render_split(spec: KitchenSpec, split: str):
+    """Yields the videos of one split in order, deterministic in (spec, split).
+
+    Yields:
+        (frames uint8 [T, S, S, 3], the action id shown in each frame int [T]).
+    """
+    labels = sample_labels(spec, split)
+    glyphs = _glyphs(len(action_names(spec)))
+    rng = np.random.default_rng([spec.seed, SPLITS.index(split), 1])
+    for steps, background in zip(labels.steps, labels.background, strict=True):
+        yield _render(steps, int(background), spec, glyphs, rng)
+
+
 def generate(spec: KitchenSpec, split: str):
     """Yields the examples of one split, deterministic in (spec, split).
 
@@ -280,12 +312,11 @@ def generate(spec: KitchenSpec, split: str):
         `actions` sorted positive action ids, `background` int.
     """
     labels = sample_labels(spec, split)
-    glyphs = _glyphs(len(action_names(spec)))
-    rng = np.random.default_rng([spec.seed, SPLITS.index(split), 1])
-    for i, steps in enumerate(labels.steps):
+    videos = render_split(spec, split)
+    for i, (steps, (frames, _)) in enumerate(zip(labels.steps, videos, strict=True)):
         background = int(labels.background[i])
         example = {
-            "frames": _render(steps, background, spec, glyphs, rng),
+            "frames": frames,
             "activity": int(labels.activity[i]),
             "actions": sorted(set(steps)),
             "background": background,
