@@ -105,9 +105,12 @@ def ensure_pretrained_vlm(config: ml_collections.ConfigDict, out: Path | None = 
 def split_frames(spec: causal_kitchen.KitchenSpec, split: str, size: int) -> tuple:
     """The split's frames resized as CMDCL's evaluation view resizes them (short side
     ``size * 8 / 7``), uint8 [N, T, s, s, 3], and the action in each frame int [N, T]."""
+    from tqdm import tqdm
+
     resize_to = round(size * 8 / 7)
     frames, steps = [], []
-    for clip, frame_steps in causal_kitchen.render_split(spec, split):
+    videos = causal_kitchen.render_split(spec, split)
+    for clip, frame_steps in tqdm(videos, desc=f"render {split}", total=spec.size(split)):
         frames.append(video.resize(clip, resize_to, resize_to))
         steps.append(frame_steps)
     return np.stack(frames), np.stack(steps)
@@ -221,7 +224,6 @@ def pretrain(config: ml_collections.ConfigDict, directory: Path) -> Pretrainer:
     start = time.time()
     frames, steps = split_frames(spec, "train", size)
     labels = causal_kitchen.sample_labels(spec, "train")
-    logging.info("rendered %d training videos in %.1f s", len(frames), time.time() - start)
     batches = make_batches(
         frames, steps, labels.background, captions, size, recipe.batch_size, recipe.seed
     )
