@@ -21,7 +21,7 @@ def _config(data_dir):
     config = importlib.import_module("configs.synthetic").get_config()
     config.dataset.data_dir = str(data_dir)
     config.dataset.kitchen.update(num_train=16, num_val=4, num_test=8, num_frames=8)
-    config.vlm.update(steps=120, batch_size=32, warmup_steps=10)
+    config.vlm.update(steps=300, batch_size=32, warmup_steps=10)
     return config
 
 
@@ -46,13 +46,14 @@ def test_pretraining_lowers_the_loss_and_round_trips(tmp_path):
         np.testing.assert_array_equal(getattr(loaded, tower)(*inputs), want)
 
     # Against the same CLIP at its initialisation, on a batch of 16 pairs at the initial
-    # logit scale: ln 16 = 2.77 at chance (3.13 at this initialisation); 120 steps of 32
-    # pairs take it to ~2.1 (measured at a constant learning rate).
+    # logit scale: ln 16 = 2.77 at chance, 3.13 at the initialisation. The loss sits near
+    # chance for ~50-100 steps, then falls (~2.0 by step 200 at a constant 2e-3, measured):
+    # 300 steps must take it clearly below chance.
     initial = Clip(tiny_clip_config(len(tokenizer)), rngs=nnx.Rngs(config.vlm.seed))
     scale = jnp.log(1 / 0.07)
     before = float(pretrain_vlm.clip_loss(initial, scale, images, ids, mask))
     after = float(pretrain_vlm.clip_loss(loaded, scale, images, ids, mask))
-    assert after < before - 0.5, (before, after)
+    assert after < np.log(16) - 0.3 and after < before, (before, after)
 
     # The vocabulary covers both tasks' class prompts; CMDCL builds on the VLM.
     cfg = CMDCLConfig.tiny(str(directory))
