@@ -35,6 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.timesformer = ml_collections.FieldReference(None, field_type=str)
     c.model.tci = True
     c.model.vci = True
+    # TCI's bias term: "sample" (each video's own attention-pooled frames) or "dictionary"
+    # (the back-door sum over K confounder prototypes with their prior; docs/model.md).
+    c.model.tci_mode = ml_collections.FieldReference(None, field_type=str)
+    c.model.num_confounders = ml_collections.FieldReference(None, field_type=int)  # K
+    c.model.confounder_momentum = ml_collections.FieldReference(None, field_type=float)
     c.model.num_frames = c.dataset.get_ref("num_frames")
     c.model.sta_layers = ml_collections.FieldReference(None, field_type=int)
     c.model.tau_t = ml_collections.FieldReference(None, field_type=float)

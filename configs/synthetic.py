@@ -62,4 +62,11 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.train.warmup_steps = 50
     c.eval.batch_size = 32
     c.checkpoint.every_steps = 100
+
+    # `python -m cmdcl_jax.pretrain_vlm`: a tiny CLIP pretrained contrastively on the
+    # kitchen's training frames and captions (a VLM that ties backgrounds to activities);
+    # run CMDCL on it with --config.model.clip=<the directory it prints>.
+    c.vlm = ml_collections.ConfigDict(
+        dict(steps=1500, batch_size=128, learning_rate=2e-3, warmup_steps=100, seed=0)
+    )
     return c

@@ -163,3 +163,24 @@ def test_tiny_weights_are_drawn_at_the_width_scaled_std(tmp_path, width):
     assert float(jnp.abs(model.qformer.layers[0].mlp_norm.scale[...] - 1).max()) == 0
     # T is CLIP's prompt embeddings, untouched by the rescaling.
     assert np.allclose(np.linalg.norm(model.text_embeddings[...], axis=-1), 1, atol=1e-5)
+
+
+def test_dictionary_tci_holding_the_videos_own_bias_is_sample_tci(tiny_clip_dir):
+    """Eq. 2 over a one-entry confounder set {b} with P(b) = 1, b the video's own bias,
+    is the sample reading T' = h(T, Bias): the same logits from the same parameters."""
+    sample = build_cmdcl(CMDCLConfig.tiny(tiny_clip_dir), CLASSES)
+    cfg = CMDCLConfig.tiny(tiny_clip_dir, tci_mode="dictionary", num_confounders=1)
+    dictionary = build_cmdcl(cfg, CLASSES)
+    params = [jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (sample, dictionary)]
+    assert all(np.array_equal(a, b) for a, b in zip(*params, strict=True))  # same seed
+    video = _video(b=1)
+    forward = nnx.jit(lambda m, v: m(v))
+    want, aux = forward(sample, video)
+    empty_logits, _ = forward(dictionary, video)  # empty dictionary: E_b[b] = 0
+    assert not np.allclose(empty_logits, want)
+    dictionary.confounders.prototypes[...] = aux["bias"]  # [K=1, C, D]
+    dictionary.confounders.frequencies[...] = jnp.ones((1,))
+    got, got_aux = forward(dictionary, video)
+    # E_b[b] = 1.0 * b is b exactly, and both models then run the same operations.
+    np.testing.assert_array_equal(got_aux["text"], aux["text"])
+    np.testing.assert_array_equal(got, want)

@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cmdcl_jax.models.interventions import (
+    ConfounderDictionary,
     bias_aware_scores,
     fine_grained_pool,
     fine_grained_scores,
@@ -105,3 +107,26 @@ def test_fine_grained_step_at_coin_scale_does_not_materialise_bclD():
     assert whole >= sf_bytes  # the unchunked step does hold SF (the check can fail)
     assert chunked < sf_bytes / 2
     assert chunked < whole / 8
+
+
+def test_confounder_dictionary_online_k_means():
+    """First batch: the dictionary takes its first K biases at P(b) = 1/K. Then each bias
+    joins its nearest prototype, which moves by (1 - m) towards its members' mean, and the
+    frequencies follow the members' share (all values exact in binary floating point)."""
+    d = ConfounderDictionary(2, 1, 2, momentum=0.5)
+    np.testing.assert_array_equal(d.expectation(), np.zeros((1, 2)))  # empty
+    first = jnp.array([[[0.0, 0.0]], [[4.0, 4.0]], [[9.0, 9.0]]])  # [N=3, C=1, D=2]
+    d.update(first)
+    np.testing.assert_array_equal(d.prototypes[...], first[:2])
+    np.testing.assert_array_equal(d.frequencies[...], [0.5, 0.5])
+    d.update(jnp.array([[[1.0, 1.0]], [[3.0, 3.0]], [[5.0, 5.0]], [[0.0, 2.0]]]))
+    # Members: {(1,1), (0,2)} -> prototype 0, mean (0.5, 1.5); {(3,3), (5,5)} -> 1, (4, 4).
+    np.testing.assert_array_equal(d.prototypes[...], [[[0.25, 0.75]], [[4.0, 4.0]]])
+    np.testing.assert_array_equal(d.frequencies[...], [0.5, 0.5])
+    d.update(jnp.array([[[4.0, 4.0]], [[4.0, 4.0]]]))  # prototype 0 gets none: stays
+    np.testing.assert_array_equal(d.prototypes[...], [[[0.25, 0.75]], [[4.0, 4.0]]])
+    np.testing.assert_array_equal(d.frequencies[...], [0.25, 0.75])
+    # E_b[b] = sum_k P(b_k) b_k
+    np.testing.assert_allclose(d.expectation(), [[0.25 * 0.25 + 0.75 * 4, 0.25 * 0.75 + 3]])
+    with pytest.raises(ValueError, match="cannot fill a dictionary of 2"):
+        ConfounderDictionary(2, 1, 2, momentum=0.5).update(first[:1])

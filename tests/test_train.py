@@ -340,3 +340,48 @@ def test_fsdp_shards_the_state_trains_as_data_parallel_and_restores_on_one_devic
     assert step == 3 and not fsdp_split(restored)
     pairs = list(zip(*map(jax.tree.leaves, jax.device_get((states[8], restored))), strict=True))
     assert pairs and all(np.array_equal(a, b) for a, b in pairs)
+
+
+def test_confounder_dictionary_updates_in_the_train_step_and_is_checkpointed(data_dir, tmp_path):
+    """tci_mode="dictionary": the first step fills TCI's dictionary, the next moves it;
+    a checkpoint holds it and a fresh run restores it exactly, and evaluation uses it."""
+    config = synthetic(
+        data_dir,
+        **{"train.batch_size": 8, "model.tci_mode": "dictionary", "model.num_confounders": 4},
+    )
+    run = build(config, tmp_path)
+    assert not any(np.any(x) for x in jax.tree.leaves(run.state["confounders"]))  # empty
+    loader = iter(setup.make_loader(config, run.task, split="train", training=True))
+    states = []
+    for _ in range(2):
+        batch = next(loader)
+        placed = sharding.place_batch({"video": batch["video"], "label": batch["label"]}, run.mesh)
+        run.state, _ = steps.train_step(
+            run.state,
+            run.frozen,
+            placed,
+            jax.random.key(0),
+            graphdef=run.graphdef,
+            tx=run.tx,
+            kind=run.task.kind,
+            accum_steps=1,
+        )
+        states.append(jax.device_get(run.state["confounders"]))
+    frequencies = [s["confounders"]["frequencies"][...] for s in states]
+    np.testing.assert_allclose(frequencies[0], np.full(4, 0.25), rtol=1e-6)  # filled
+    np.testing.assert_allclose(frequencies[1].sum(), 1.0, rtol=1e-6)
+    prototypes = [s["confounders"]["prototypes"][...] for s in states]
+    assert np.abs(prototypes[0]).max() > 0 and not np.array_equal(*prototypes)  # moved
+    checkpoints = Checkpoints(tmp_path, async_save=False)
+    checkpoints.save(2, run.state, {})
+    checkpoints.prune()
+    fresh = build(config, tmp_path)
+    restored, _ = Checkpoints(tmp_path, read_only=True).restore(fresh.state)
+    for a, b in zip(*map(jax.tree.leaves, (states[1], restored["confounders"])), strict=True):
+        np.testing.assert_array_equal(np.asarray(b), a)
+    video = jax.device_put(batch["video"][:2])
+    logits = [
+        steps.eval_step(s["params"], run.frozen, video, s["confounders"], graphdef=run.graphdef)
+        for s in (run.state, restored)
+    ]
+    np.testing.assert_array_equal(*map(np.asarray, logits))

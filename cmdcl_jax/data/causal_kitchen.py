@@ -56,6 +56,10 @@ _COLOURS = np.array(
     ],
     np.float32,
 )  # fmt: skip
+_COLOUR_NAMES = (
+    "red", "green", "yellow", "blue", "orange", "purple", "cyan", "magenta", "white", "black",
+)  # fmt: skip
+_TEXTURE_NAMES = ("banded", "striped", "checked")  # rows, columns, both (see _background)
 _SHAPES = ("disc", "square", "diamond", "cross", "ring", "triangle", "hbar", "vbar")
 _MOTIONS = ("sway", "bob", "pulse", "orbit")
 
@@ -132,6 +136,15 @@ def recipe_actions(spec: KitchenSpec) -> np.ndarray:
     for a, (_, steps) in enumerate(RECIPES[: spec.num_activities]):
         table[a, [names.index(s) for s in steps]] = 1
     return table
+
+
+def background_names(spec: KitchenSpec) -> list[str]:
+    """Words for the C backgrounds (background k is activity k's typical one): its colour
+    and texture, e.g. "red banded"."""
+    return [
+        f"{_COLOUR_NAMES[k % len(_COLOURS)]} {_TEXTURE_NAMES[k % 3]}"
+        for k in range(spec.num_activities)
+    ]
 
 
 def _glyphs(num_actions: int) -> np.ndarray:
@@ -287,13 +300,17 @@ def order_blind_ceiling(spec: KitchenSpec, split: str) -> float:
     return ceiling
 
 
-def _rendered(spec: KitchenSpec, split: str):
-    """Yields (labels, i, frames uint8 [T, S, S, 3], frame actions int [T]) per video."""
+def render_split(spec: KitchenSpec, split: str):
+    """Yields the videos of one split in order, deterministic in (spec, split).
+
+    Yields:
+        (frames uint8 [T, S, S, 3], the action id shown in each frame int [T]).
+    """
     labels = sample_labels(spec, split)
     glyphs = _glyphs(len(action_names(spec)))
     rng = np.random.default_rng([spec.seed, SPLITS.index(split), 1])
-    for i, steps in enumerate(labels.steps):
-        yield (labels, i, *_render(steps, int(labels.background[i]), spec, glyphs, rng))
+    for steps, background in zip(labels.steps, labels.background, strict=True):
+        yield _render(steps, int(background), spec, glyphs, rng)
 
 
 def example_key(split: str, i: int) -> str:
@@ -308,7 +325,8 @@ def generate(spec: KitchenSpec, split: str):
         (key, example) with example keys `frames` uint8 [T, S, S, 3], `activity` int,
         `actions` sorted positive action ids, `background` int.
     """
-    for labels, i, frames, _ in _rendered(spec, split):
+    labels = sample_labels(spec, split)
+    for i, (frames, _) in enumerate(render_split(spec, split)):
         example = {
             "frames": frames,
             "activity": int(labels.activity[i]),
@@ -320,4 +338,4 @@ def generate(spec: KitchenSpec, split: str):
 
 def frame_actions(spec: KitchenSpec, split: str) -> dict[str, np.ndarray]:
     """The action each stored frame shows, by example key: int [T] each (renders the split)."""
-    return {example_key(split, i): frame for _, i, _, frame in _rendered(spec, split)}
+    return {example_key(split, i): shown for i, (_, shown) in enumerate(render_split(spec, split))}

@@ -290,8 +290,9 @@ class Clip(nnx.Module):
             place=place,
         )
 
-    def save_pretrained(self, directory) -> None:
-        """Writes config.json, preprocessor_config.json and model.safetensors."""
+    def save_pretrained(self, directory, *, logit_scale: float = float(np.log(1 / 0.07))) -> None:
+        """Writes config.json, preprocessor_config.json and model.safetensors;
+        ``logit_scale`` (log of the contrastive loss's scale) is kept for the record."""
         from safetensors.numpy import save_file
 
         directory = Path(directory)
@@ -309,7 +310,7 @@ class Clip(nnx.Module):
         }
         (directory / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         tensors = hf_weights.export_params(self, RULES)
-        tensors["logit_scale"] = np.asarray(np.log(1 / 0.07), np.float32)  # unused by CMDCL
+        tensors["logit_scale"] = np.asarray(logit_scale, np.float32)  # unused by CMDCL
         save_file(
             {k: np.require(v, requirements="C") for k, v in tensors.items()},
             str(directory / "model.safetensors"),

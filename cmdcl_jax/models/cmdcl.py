@@ -40,7 +40,10 @@ from cmdcl_jax.models import hf_weights
 from cmdcl_jax.models.clip import Clip, ClipConfig, ClipVision
 from cmdcl_jax.models.interventions import (
     STA,
+    TCI_MODES,
     Approximator,
+    ConfounderDictionary,
+    ConfounderStatistic,
     bias_aware_scores,
     fine_grained_pool,
     fine_grained_scores,
@@ -57,6 +60,8 @@ TEXT_SCALES = {"unit": lambda d: 1.0, "rms": math.sqrt}
 
 # Trainable parameters: everything but the frozen CLIP (which gets no optimizer state).
 TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("clip")))
+# State estimated from the data in the train step (TCI's confounder dictionary).
+CONFOUNDERS = ConfounderStatistic
 # Std of weight matrices and embedding tables at initialisation in BERT, ViT and BLIP-2.
 BERT_INIT_STD = 0.02
 
@@ -75,6 +80,14 @@ class CMDCLConfig:
       num_frames: L the STA position table is sized for (interpolated at other L).
       sta_layers: STA depth H (paper Fig. 7a: 6). sta_heads: its attention heads.
       tci, vci: the two interventions (paper Table 3 variants).
+      tci_mode: what TCI's bias term is. "sample": each video's own bias
+        ``Bias = S @ V_P``, ``T'[b, c] = h(T[c], Bias[b, c])``. "dictionary": the
+        back-door sum over a set of confounder values (Eq. 2) under the NWGM (Eq. 3),
+        ``T'[c] = h(T[c], sum_k P(b_k) b_k[c])``, ``b_k`` [C, D] prototypes of the
+        training videos' biases kept by online k-means in the train step
+        (``interventions.ConfounderDictionary``).
+      num_confounders: K, the dictionary's entries (at most the training batch).
+      confounder_momentum: the dictionary's moving-average momentum per train step.
       tau_t, tau_v: temperatures of the bias-aware and fine-grained scores.
       learn_temperature: learn both temperatures in log space.
       g_residual: skip connection of VCI's approximator g: "evidence" (Vhat), "anchor"
@@ -98,6 +111,9 @@ class CMDCLConfig:
     sta_heads: int = 8
     tci: bool = True
     vci: bool = True
+    tci_mode: str = "sample"
+    num_confounders: int = 8
+    confounder_momentum: float = 0.99
     tau_t: float = 0.07
     tau_v: float = 0.07
     learn_temperature: bool = False
@@ -234,6 +250,8 @@ class CMDCL(nnx.Module):
     def __init__(self, cfg: CMDCLConfig, arch: Architectures, num_classes: int, *, rngs: nnx.Rngs):
         if cfg.text_scale not in TEXT_SCALES:
             raise ValueError(f"text_scale {cfg.text_scale!r} not one of {sorted(TEXT_SCALES)}")
+        if cfg.tci_mode not in TCI_MODES:
+            raise ValueError(f"tci_mode {cfg.tci_mode!r} not one of {TCI_MODES}")
         dtype = jnp.dtype(cfg.dtype)
         kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         d = arch.clip.projection_dim
@@ -245,6 +263,13 @@ class CMDCL(nnx.Module):
         self.video_proj = dense(arch.timesformer.hidden_size, d, **kw)
         self.video_norm = layer_norm(d, eps=1e-5, **kw) if cfg.video_norm else None
         self.tci_h = Approximator(d, **kw) if cfg.tci else None
+        self.confounders = (
+            ConfounderDictionary(
+                cfg.num_confounders, num_classes, d, momentum=cfg.confounder_momentum
+            )
+            if cfg.tci and cfg.tci_mode == "dictionary"
+            else None
+        )
         if cfg.vci:
             self.sta = STA(
                 d,
@@ -299,7 +324,8 @@ class CMDCL(nnx.Module):
           ``(logits [B, C] float32, aux)`` with ``aux`` holding ``frames_clip`` V_P
           [B, L, D], ``frames_video`` V [B, L, D], ``text`` T' [B, C, D], ``video`` V'
           ([B, C, D] with VCI, else V), and with TCI ``scores`` S [B, C, L] and ``bias``
-          [B, C, D], with VCI ``frames_sta`` VH [B, L, D] and ``vhat`` [B, C, D].
+          [B, C, D] (each video's own), with VCI ``frames_sta`` VH [B, L, D] and ``vhat``
+          [B, C, D].
         """
         b, l, h, w, _ = video.shape
         tau_t, tau_v = self.temperatures()
@@ -311,7 +337,10 @@ class CMDCL(nnx.Module):
         if self.tci_h is not None:
             s = bias_aware_scores(v_p, text, tau_t)  # [B, C, L]
             bias = jnp.einsum("bcl,bld->bcd", s, v_p)  # [B, C, D]
-            t_prime = self.tci_h(jnp.broadcast_to(text, bias.shape), bias)  # [B, C, D]
+            evidence = bias
+            if self.confounders is not None:  # E_b[b], the back-door sum's NWGM
+                evidence = jnp.broadcast_to(self.confounders.expectation(), bias.shape)
+            t_prime = self.tci_h(jnp.broadcast_to(text, bias.shape), evidence)  # [B, C, D]
             aux.update(scores=s, bias=bias)
         else:
             t_prime = jnp.broadcast_to(text, (b, *text.shape))  # [B, C, D]
@@ -337,6 +366,12 @@ class CMDCL(nnx.Module):
         logits = jnp.einsum("bcd,cd->bc", f.astype(jnp.float32), self.head_weight[...])
         aux.update(text=t_prime, video=v_prime)
         return logits + self.head_bias[...], aux  # [B, C]
+
+    def update_confounders(self, biases: Array) -> None:
+        """With a confounder dictionary, one update from a training batch's ``bias``
+        [N, C, D] (``aux["bias"]``); nothing otherwise."""
+        if self.confounders is not None:
+            self.confounders.update(biases)
 
 
 def class_prompts(cfg: CMDCLConfig, class_names: Sequence[str]) -> list[str]:

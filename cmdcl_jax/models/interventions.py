@@ -161,3 +161,62 @@ def interpolate_time(table: Array, length: int) -> Array:
     if table.shape[0] == length:
         return table
     return jax.image.resize(table, (length, table.shape[1]), method="linear")
+
+
+class ConfounderStatistic(nnx.Variable):
+    """Non-trainable state estimated from the training data (the TCI confounder set)."""
+
+
+TCI_MODES = ("sample", "dictionary")
+
+
+class ConfounderDictionary(nnx.Module):
+    """The confounder set of TCI's back-door adjustment (Eq. 2) and its prior P(b).
+
+    K prototypes ``b_k`` of the class-wise bias ``Bias`` [C, D], kept by online k-means
+    over the training videos' biases, and their assignment frequencies ``f_k`` [K]
+    (an exponential moving average), so ``P(b_k) = f_k / sum_j f_j``. The NWGM step of
+    Eq. 3 puts the approximator over the expectation: ``T'[c] = h(T[c], E_b[b][c])`` with
+    ``E_b[b] = sum_k P(b_k) b_k`` [C, D] (:meth:`expectation`), the same for every video.
+    """
+
+    def __init__(self, num_entries: int, num_classes: int, dim: int, *, momentum: float):
+        if num_entries < 1:
+            raise ValueError(f"confounder dictionary needs at least 1 entry, got {num_entries}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"confounder dictionary momentum {momentum} not in [0, 1)")
+        self.momentum = momentum
+        self.prototypes = ConfounderStatistic(jnp.zeros((num_entries, num_classes, dim)))
+        self.frequencies = ConfounderStatistic(jnp.zeros((num_entries,)))
+
+    def expectation(self) -> Array:
+        """``E_b[b] = sum_k P(b_k) b_k`` [C, D]; zeros while the dictionary is empty."""
+        f = self.frequencies[...]
+        total = f.sum()
+        prior = f / jnp.where(total > 0, total, 1.0)  # [K]
+        return jnp.einsum("k,kcd->cd", prior, self.prototypes[...])
+
+    def update(self, biases: Array) -> None:
+        """One online k-means step on a batch of biases [N, C, D] (N >= K).
+
+        The first batch fills the dictionary with its first K biases at equal frequency;
+        later each bias joins its nearest prototype (squared distance over C x D), every
+        prototype moves towards the mean of its members, ``b_k <- m b_k + (1 - m) mean_k``,
+        and the frequencies follow the members' share, ``f_k <- m f_k + (1 - m) n_k / N``.
+        """
+        k = self.prototypes.shape[0]
+        n = biases.shape[0]
+        if n < k:
+            raise ValueError(f"a batch of {n} biases cannot fill a dictionary of {k} entries")
+        x = jax.lax.stop_gradient(biases).astype(jnp.float32).reshape(n, -1)  # [N, C*D]
+        protos = self.prototypes[...].reshape(k, -1)  # [K, C*D]
+        distance = (x**2).sum(-1, keepdims=True) - 2 * x @ protos.T + (protos**2).sum(-1)  # [N, K]
+        members = jax.nn.one_hot(jnp.argmin(distance, axis=-1), k)  # [N, K]
+        counts = members.sum(0)  # [K]
+        means = members.T @ x / jnp.maximum(counts, 1.0)[:, None]  # [K, C*D]
+        m = self.momentum
+        moved = jnp.where(counts[:, None] > 0, m * protos + (1 - m) * means, protos)
+        freq = m * self.frequencies[...] + (1 - m) * counts / n
+        empty = self.frequencies[...].sum() == 0
+        self.prototypes[...] = jnp.where(empty, x[:k], moved).reshape(self.prototypes.shape)
+        self.frequencies[...] = jnp.where(empty, jnp.full((k,), 1.0 / k), freq)

@@ -21,17 +21,19 @@ def evaluate(
     task: Task,
     num_examples: int,
     shortcut_labels: np.ndarray | None = None,
+    confounders=None,
 ) -> dict:
     """Scores a whole split, gathered from every process, each example counted once.
 
     Single-label tasks report top-1/top-5 accuracy and how many distinct classes are
     predicted (a collapsed model predicts few), and, given ``shortcut_labels`` (int
     [num_examples], by example index), the shortcut rate; multi-label tasks report mAP.
+    ``confounders``: the state's TCI dictionary, for a model that has one.
     """
     logits, labels, indices = [], [], []
     for batch in loader:
         placed = sharding.place_batch(batch, mesh)
-        out = eval_step(params, frozen, placed["video"], graphdef=graphdef)
+        out = eval_step(params, frozen, placed["video"], confounders, graphdef=graphdef)
         got = multihost_utils.process_allgather(
             {
                 "logits": out,
@@ -87,7 +89,15 @@ def evaluate_splits(config, run: Run) -> dict[str, dict]:
                 task.dataset, config.dataset.data_dir, split, "background", task.data_config
             )
         results[split] = evaluate(
-            run.state["params"], run.frozen, run.graphdef, loader, run.mesh, task, n, backgrounds
+            run.state["params"],
+            run.frozen,
+            run.graphdef,
+            loader,
+            run.mesh,
+            task,
+            n,
+            backgrounds,
+            confounders=run.state["confounders"],
         )
         if kitchen:
             spec = causal_kitchen.KitchenSpec(**builder.info.metadata["spec"])

@@ -210,8 +210,9 @@ def evaluate_checkpoint(
     run_record.check_identity(workdir, record, previous)
     setup.ensure_tiny_clip(model_cfg, task, workdir, config.dataset.crop_size)
     run = setup.build_run(config, task, model_cfg)
-    restored, step = checkpoints.restore({"params": run.state["params"]}, step=step)
-    run.state = {**run.state, "params": restored["params"]}
+    trained = {k: run.state[k] for k in ("params", "confounders")}
+    restored, step = checkpoints.restore(trained, step=step)
+    run.state = {**run.state, **restored}
     results = evaluate_splits(config, run)
     _record_evaluation(workdir, step, results)
     return results

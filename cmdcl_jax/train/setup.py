@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from cmdcl_jax import atomic, sharding
 from cmdcl_jax.data import builders, causal_kitchen, order, pipeline
-from cmdcl_jax.models.cmdcl import TRAINABLE, CMDCLConfig, build_cmdcl
+from cmdcl_jax.models.cmdcl import CONFOUNDERS, TRAINABLE, CMDCLConfig, build_cmdcl
 from cmdcl_jax.models.tiny_clip import write_tiny_clip
 
 BEST_METRIC = {"single": "acc1", "multi": "mAP"}  # by task kind: what picks the best checkpoint
@@ -156,7 +156,9 @@ class Run:
 
     task: Task
     graphdef: Any
-    state: dict  # {"step", "params" (trainable), "opt_state"}, sharded on mesh
+    # {"step", "params" (trainable), "opt_state", "confounders" (TCI's dictionary, updated
+    # by the train step; empty without one)}, sharded on mesh
+    state: dict
     frozen: Any  # the frozen CLIP, sharded like the parameters or replicated
     mesh: Any
     tx: optax.GradientTransformation
@@ -177,11 +179,16 @@ def build_run(config: ml_collections.ConfigDict, task: Task, model_cfg: CMDCLCon
 
     # CLIP is read straight onto its placement; the rest of the frozen state is put there.
     model = build_cmdcl(model_cfg, task.class_names, seed=config.seed, place_clip=place_frozen)
-    graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
+    graphdef, params, confounders, frozen = nnx.split(model, TRAINABLE, CONFOUNDERS, ...)
     frozen = jax.device_put(frozen, jax.tree.map(lambda x: place_frozen(x.shape), frozen))
     num_steps = total_steps(config, task)
     tx = make_optimizer(config.train, num_steps)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "confounders": confounders,
+    }
     state = jax.device_put(state, sharding.tree_shardings(state, mesh, min_size))
     return Run(task, graphdef, state, frozen, mesh, tx, num_steps)
 

@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 from cmdcl_jax import sharding
+from cmdcl_jax.models.cmdcl import CONFOUNDERS
 
 
 def loss_fn(logits: jax.Array, labels: jax.Array, kind: str) -> jax.Array:
@@ -44,7 +45,9 @@ def train_step(
     """One optimizer step on a global batch, split in ``accum_steps`` micro-batches.
 
     Args:
-      state: ``{"step", "params", "opt_state"}``; params are the trainable state.
+      state: ``{"step", "params", "opt_state", "confounders"}``; params are the trainable
+        state, confounders TCI's dictionary (updated once per step from the whole batch's
+        biases, after the gradient, which it does not enter).
       frozen: the rest of the model (CLIP).
       batch: ``video`` uint8 [B, L, H, W, 3] and ``label``.
       base_key: the run's key; the step's dropout key is ``fold_in(base_key, step)``.
@@ -58,13 +61,13 @@ def train_step(
     key = jax.random.fold_in(base_key, state["step"])
 
     def micro_loss(params, micro, micro_key):
-        model = nnx.merge(graphdef, params, frozen)
-        logits, _ = model(micro["video"], deterministic=False, rngs=nnx.Rngs(dropout=micro_key))
-        return loss_fn(logits, micro["label"], kind)
+        model = nnx.merge(graphdef, params, state["confounders"], frozen)
+        logits, aux = model(micro["video"], deterministic=False, rngs=nnx.Rngs(dropout=micro_key))
+        return loss_fn(logits, micro["label"], kind), aux.get("bias")  # bias [b, C, D]
 
-    grad_fn = jax.value_and_grad(micro_loss)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     if accum_steps == 1:
-        loss, grads = grad_fn(state["params"], batch, key)
+        (loss, biases), grads = grad_fn(state["params"], batch, key)
     else:
         micro = jax.tree.map(
             lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch
@@ -72,15 +75,26 @@ def train_step(
 
         def body(carry, xs):
             i, mb = xs
-            loss, grads = grad_fn(state["params"], mb, jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            (loss, bias), grads = grad_fn(state["params"], mb, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), bias
 
         zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-        (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+        (loss, grads), biases = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
         loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+        biases = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), biases)  # [B, C, D]
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    confounders = state["confounders"]
+    if biases is not None:
+        model = nnx.merge(graphdef, state["params"], confounders, frozen)
+        model.update_confounders(biases)
+        confounders = nnx.state(model, CONFOUNDERS)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": params,
+        "opt_state": opt_state,
+        "confounders": confounders,
+    }
     if mesh is not None:
         layout = sharding.tree_shardings(new_state, mesh, fsdp_min_size)
         new_state = jax.lax.with_sharding_constraint(new_state, layout)
@@ -88,9 +102,11 @@ def train_step(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def eval_step(params, frozen, video, *, graphdef):
-    """Logits [B, C]; multi-view video [B, V, L, H, W, 3] averages the V views' logits."""
-    model = nnx.merge(graphdef, params, frozen)
+def eval_step(params, frozen, video, confounders=None, *, graphdef):
+    """Logits [B, C]; multi-view video [B, V, L, H, W, 3] averages the V views' logits.
+
+    ``confounders``: the state's TCI dictionary, for a model that has one."""
+    model = nnx.merge(graphdef, params, *([] if confounders is None else [confounders]), frozen)
     if video.ndim == 6:
         b, v = video.shape[:2]
         logits, _ = model(video.reshape(b * v, *video.shape[2:]))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from flax import nnx
 
-from cmdcl_jax.models.cmdcl import TRAINABLE, build_cmdcl
+from cmdcl_jax.models.cmdcl import CONFOUNDERS, TRAINABLE, build_cmdcl
 from cmdcl_jax.train import run_record
 from cmdcl_jax.train.checkpoints import Checkpoints
 
@@ -22,9 +22,10 @@ def load_model(workdir: Path, step: int | None = None) -> tuple[nnx.Module, dict
     checkpoints = Checkpoints(workdir, read_only=True)
     run = run_record.load_trained(workdir, checkpoints.run_record)
     model = build_cmdcl(run_record.model_config(run, workdir), run["class_names"])
-    restored, step = checkpoints.restore({"params": nnx.state(model, TRAINABLE)}, step=step)
+    trained = {"params": nnx.state(model, TRAINABLE), "confounders": nnx.state(model, CONFOUNDERS)}
+    restored, step = checkpoints.restore(trained, step=step)
     saved_run = checkpoints.run_record(step)
     if saved_run is not None:
         run_record.check_identity(workdir, run, saved_run)
-    nnx.update(model, restored["params"])
+    nnx.update(model, restored["params"], restored["confounders"])
     return model, run

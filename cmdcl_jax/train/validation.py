@@ -11,6 +11,7 @@ import math
 import ml_collections
 
 from cmdcl_jax.data import pipeline
+from cmdcl_jax.models.cmdcl import CMDCLConfig
 
 
 def _fail(key: str, value, why: str) -> None:
@@ -46,6 +47,14 @@ def check_config(config: ml_collections.ConfigDict, process_count: int) -> None:
     for key, value in (("train.batch_size", t.batch_size), ("eval.batch_size", e.batch_size)):
         if value % process_count:
             _fail(key, value, f"not divisible by the {process_count} processes")
+    m = config.model
+    num_confounders = m.num_confounders or CMDCLConfig.num_confounders
+    if m.tci_mode == "dictionary" and num_confounders > t.batch_size:
+        _fail(
+            "model.num_confounders",
+            num_confounders,
+            f"the dictionary is filled from one batch: at most train.batch_size={t.batch_size}",
+        )
     if not config.dataset.eval_splits:
         _fail("dataset.eval_splits", config.dataset.eval_splits, "needs at least one split")
 
