@@ -156,6 +156,34 @@ def test_remat_gives_same_values_and_gradients():
     assert float(jnp.abs(grads_a["time_embed"][...]).sum()) > 0
 
 
+def test_library_attention_matches_explicit():
+    """The default ("auto": XLA's ``dot_product_attention`` on a CPU) against the einsums."""
+    cfg = TimesformerConfig.tiny()
+    explicit = Timesformer(cfg, attention="explicit", rngs=nnx.Rngs(0))
+    library = Timesformer(cfg, rngs=nnx.Rngs(0))
+    pixels = jnp.asarray(video())
+
+    def loss(model):
+        tokens, cls = model(pixels)
+        return jnp.mean(tokens**2) + jnp.mean(cls**2)
+
+    value_and_grad = nnx.jit(nnx.value_and_grad(loss))
+    loss_a, grads_a = value_and_grad(explicit)
+    loss_b, grads_b = value_and_grad(library)
+    # The same float32 products and float32 softmax, scaled before or after the first dot
+    # and summed in another order: a few eps of sums of up to 17 terms per layer, as in
+    # the remat test (2e-6 of gradients up to 0.3); a wrong scale or head split moves
+    # them by their own size.
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_attention_is_refused():
+    with pytest.raises(ValueError, match="attention 'flash'"):
+        Timesformer(TimesformerConfig.tiny(), attention="flash", rngs=nnx.Rngs(0))
+
+
 def test_normalize_uses_preprocessor_config(tmp_path, hf_dir):
     shutil.copytree(hf_dir[0], tmp_path, dirs_exist_ok=True)
     pre = {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.25, 0.2, 0.1]}
