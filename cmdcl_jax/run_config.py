@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init_std = ml_collections.FieldReference(None, field_type=float)
     c.model.dtype = "bfloat16"
     c.model.remat = True
+    # TimeSformer attention: auto (cuDNN on an NVIDIA GPU in bfloat16, else XLA's), xla,
+    # cudnn, or explicit (written-out einsums).
+    c.model.attention = "auto"
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 8  # global; the paper does not give it

@@ -135,10 +135,10 @@ def test_bfloat16_compute_close_to_float32(hf_dir):
     np.testing.assert_allclose(hf_order(tokens16, cls16), hf_order(tokens32, cls32), **BF16)
 
 
-def test_remat_gives_same_values_and_gradients():
+def assert_same_values_and_gradients(**options):
+    """A tiny TimeSformer built with ``options`` against the default one: loss and every
+    gradient of a quadratic loss on one clip; returns the default's gradients."""
     cfg = TimesformerConfig.tiny()
-    plain = Timesformer(cfg, rngs=nnx.Rngs(0))
-    remat = Timesformer(cfg, remat=True, rngs=nnx.Rngs(0))
     pixels = jnp.asarray(video())
 
     def loss(model):
@@ -146,14 +146,30 @@ def test_remat_gives_same_values_and_gradients():
         return jnp.mean(tokens**2) + jnp.mean(cls**2)
 
     value_and_grad = nnx.jit(nnx.value_and_grad(loss))
-    loss_a, grads_a = value_and_grad(plain)
-    loss_b, grads_b = value_and_grad(remat)
-    # The same float32 operations recomputed; XLA may fuse and order sums of up to 64 terms
-    # differently: 64 eps (8e-6) of the largest gradients (0.3), 2e-6 at most.
+    loss_a, grads_a = value_and_grad(Timesformer(cfg, rngs=nnx.Rngs(0)))
+    loss_b, grads_b = value_and_grad(Timesformer(cfg, **options, rngs=nnx.Rngs(0)))
+    # The same float32 operations, fused and summed in other orders (sums of up to 64
+    # terms): 64 eps (8e-6) of the largest gradients (0.3), 2e-6 at most; a wrong scale,
+    # head split or recomputation moves them by their own size.
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    assert float(jnp.abs(grads_a["time_embed"][...]).sum()) > 0
+    return grads_a
+
+
+def test_remat_gives_same_values_and_gradients():
+    grads = assert_same_values_and_gradients(remat=True)
+    assert float(jnp.abs(grads["time_embed"][...]).sum()) > 0
+
+
+def test_explicit_attention_matches_the_default():
+    """The einsums against the default ("auto": XLA's ``dot_product_attention`` on a CPU)."""
+    assert_same_values_and_gradients(attention="explicit")
+
+
+def test_unknown_attention_is_refused():
+    with pytest.raises(ValueError, match="attention 'flash'"):
+        Timesformer(TimesformerConfig.tiny(), attention="flash", rngs=nnx.Rngs(0))
 
 
 def test_normalize_uses_preprocessor_config(tmp_path, hf_dir):

@@ -99,6 +99,9 @@ class CMDCLConfig:
       init_std: std of the random weight matrices and embedding tables (BERT/ViT: 0.02).
       dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
       remat: rematerialise TimeSformer blocks in the backward pass.
+      attention: how the TimeSformer computes attention (``layers.ATTENTION_IMPLEMENTATIONS``):
+        "auto" (cuDNN's fused kernel on an NVIDIA GPU in bfloat16, XLA's otherwise),
+        "xla", "cudnn" or "explicit" (written-out einsums, the reference).
     """
 
     clip: str
@@ -126,6 +129,7 @@ class CMDCLConfig:
     init_std: float = BERT_INIT_STD
     dtype: str = "float32"
     remat: bool = False
+    attention: str = "auto"
 
     @classmethod
     def from_dict(cls, d: dict) -> CMDCLConfig:
@@ -259,7 +263,9 @@ class CMDCL(nnx.Module):
         self.clip = ClipVision(arch.clip, **kw)
         text = jax.random.normal(rngs.params(), (num_classes, d))
         self.text_embeddings = nnx.Param(normalize(text))  # T [C, D], set to T0 on build
-        self.timesformer = Timesformer(arch.timesformer, remat=cfg.remat, **kw)
+        self.timesformer = Timesformer(
+            arch.timesformer, remat=cfg.remat, attention=cfg.attention, **kw
+        )
         self.video_proj = dense(arch.timesformer.hidden_size, d, **kw)
         self.video_norm = layer_norm(d, eps=1e-5, **kw) if cfg.video_norm else None
         self.tci_h = Approximator(d, **kw) if cfg.tci else None
@@ -421,7 +427,7 @@ def build_cmdcl(
     model.clip = clip.vision
     if cfg.timesformer:
         model.timesformer = Timesformer.from_pretrained(
-            cfg.timesformer, dtype=dtype, remat=cfg.remat
+            cfg.timesformer, dtype=dtype, remat=cfg.remat, attention=cfg.attention
         )
     if cfg.qformer_source:
         model.qformer = QFormer.from_pretrained(cfg.qformer_source, dtype=dtype)

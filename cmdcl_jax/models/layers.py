@@ -26,6 +26,13 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+# How attention is computed: "explicit" (the einsums and float32 softmax below), "xla" or
+# "cudnn" (``jax.nn.dot_product_attention`` with that implementation), or "auto": cuDNN's
+# fused kernel on an NVIDIA GPU for bfloat16/float16 heads it takes (width a multiple of 8,
+# at most 128), XLA's otherwise (cuDNN has no float32 kernel).
+ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn")
+
+
 def activation(name: str) -> Callable[[Array], Array]:
     """Returns the activation a Hugging Face config names (``hidden_act``)."""
     if name not in ACTIVATIONS:
@@ -118,14 +125,23 @@ class Attention(nnx.Module):
 
 
 def multi_head_attention(
-    q: Array, k: Array, v: Array, num_heads: int, *, mask=None, causal: bool = False
+    q: Array,
+    k: Array,
+    v: Array,
+    num_heads: int,
+    *,
+    mask=None,
+    causal: bool = False,
+    implementation: str = "explicit",
 ) -> Array:
     """Scaled dot-product attention over heads split from the last axis.
 
     Args:
       q: [..., T, H*Dh]; k, v: [..., S, H*Dh].
-      mask: optional boolean, broadcastable to [..., H, T, S]; True keeps a pair.
+      mask: optional boolean, broadcastable to [..., H, T, S]; True keeps a pair
+        ("explicit" only).
       causal: apply a lower-triangular mask (T == S).
+      implementation: one of ``ATTENTION_IMPLEMENTATIONS``.
 
     Returns:
       [..., T, H*Dh]. Softmax runs in float32 whatever the compute dtype.
@@ -133,6 +149,19 @@ def multi_head_attention(
     *lead, t, width = q.shape
     s = k.shape[-2]
     dh = width // num_heads
+    if implementation != "explicit":
+        if mask is not None:
+            raise ValueError(f"attention {implementation!r} takes no mask; use 'explicit'")
+        if implementation == "auto":
+            implementation = _auto_attention(q.dtype, dh)
+        out = jax.nn.dot_product_attention(
+            q.reshape(-1, t, num_heads, dh),  # [B', T, H, Dh]
+            k.reshape(-1, s, num_heads, dh),
+            v.reshape(-1, s, num_heads, dh),
+            is_causal=causal,
+            implementation=implementation,
+        )  # [B', T, H, Dh]
+        return out.reshape(*lead, t, width)
     q = q.reshape(*lead, t, num_heads, dh)  # [..., T, H, Dh]
     k = k.reshape(*lead, s, num_heads, dh)  # [..., S, H, Dh]
     v = v.reshape(*lead, s, num_heads, dh)  # [..., S, H, Dh]
@@ -146,6 +175,19 @@ def multi_head_attention(
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [..., H, T, S]
     out = jnp.einsum("...hts,...shd->...thd", probs, v)  # [..., T, H, Dh]
     return out.reshape(*lead, t, width)
+
+
+def _auto_attention(dtype, head_dim: int) -> str:
+    """The implementation "auto" picks for heads of ``dtype`` and width ``head_dim``."""
+    cudnn = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if cudnn and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+
+
+def check_attention(name: str) -> str:
+    """Returns ``name`` if it is one of ``ATTENTION_IMPLEMENTATIONS``, else raises."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention {name!r} not one of {ATTENTION_IMPLEMENTATIONS}")
+    return name
 
 
 class Mlp(nnx.Module):

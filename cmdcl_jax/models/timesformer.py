@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cmdcl_jax.models import hf_weights
-from cmdcl_jax.models.layers import Mlp, dense, layer_norm, multi_head_attention
+from cmdcl_jax.models.layers import Mlp, check_attention, dense, layer_norm, multi_head_attention
 
 Array = jax.Array
 
@@ -125,11 +125,15 @@ class FusedAttention(nnx.Module):
     """Self-attention with one fused ``qkv`` projection (TimeSformer's layout).
 
     The ``qkv`` output is ``[q | k | v]`` along the last axis, each ``[heads, head_dim]``,
-    as in the PyTorch ``qkv`` weight.
+    as in the PyTorch ``qkv`` weight. ``attention`` picks the implementation
+    (``layers.ATTENTION_IMPLEMENTATIONS``).
     """
 
-    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool, dtype, param_dtype, rngs):
+    def __init__(
+        self, dim: int, num_heads: int, *, qkv_bias: bool, attention: str, dtype, param_dtype, rngs
+    ):
         self.num_heads = num_heads
+        self.attention = attention
         self.qkv = dense(
             dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
@@ -138,7 +142,8 @@ class FusedAttention(nnx.Module):
     def __call__(self, x: Array) -> Array:
         """[..., S, D] -> [..., S, D]: every token attends to the S tokens of its group."""
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)  # 3 x [..., S, D]
-        return self.out(multi_head_attention(q, k, v, self.num_heads))
+        out = multi_head_attention(q, k, v, self.num_heads, implementation=self.attention)
+        return self.out(out)
 
 
 class TimesformerBlock(nnx.Module):
@@ -150,15 +155,24 @@ class TimesformerBlock(nnx.Module):
     outputs averaged. The MLP is pre-LayerNorm with a residual, on every token.
     """
 
-    def __init__(self, cfg: TimesformerConfig, *, dtype=None, param_dtype=jnp.float32, rngs):
+    def __init__(
+        self,
+        cfg: TimesformerConfig,
+        *,
+        attention: str = "auto",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs,
+    ):
         d = cfg.hidden_size
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        heads, bias = cfg.num_attention_heads, cfg.qkv_bias
+        attn = dict(qkv_bias=cfg.qkv_bias, attention=attention, **kw)
+        heads = cfg.num_attention_heads
         self.temporal_norm = layer_norm(d, eps=cfg.layer_norm_eps, **kw)
-        self.temporal_attn = FusedAttention(d, heads, qkv_bias=bias, **kw)
+        self.temporal_attn = FusedAttention(d, heads, **attn)
         self.temporal_dense = dense(d, d, **kw)
         self.spatial_norm = layer_norm(d, eps=cfg.layer_norm_eps, **kw)
-        self.spatial_attn = FusedAttention(d, heads, qkv_bias=bias, **kw)
+        self.spatial_attn = FusedAttention(d, heads, **attn)
         self.mlp_norm = layer_norm(d, eps=cfg.layer_norm_eps, **kw)
         self.mlp = Mlp(d, cfg.intermediate_size, act=cfg.hidden_act, **kw)
 
@@ -209,6 +223,8 @@ class Timesformer(nnx.Module):
       param_dtype: storage dtype of the parameters.
       remat: rematerialise each block in the backward pass (``nnx.remat``), trading
         compute for activation memory.
+      attention: how attention is computed, one of ``layers.ATTENTION_IMPLEMENTATIONS``
+        ("auto": cuDNN's fused kernel on an NVIDIA GPU in bfloat16, XLA's otherwise).
       rngs: initialisation randomness (N(0, 0.02) weights, as Hugging Face initialises).
     """
 
@@ -219,6 +235,7 @@ class Timesformer(nnx.Module):
         dtype=None,
         param_dtype=jnp.float32,
         remat: bool = False,
+        attention: str = "auto",
         rngs: nnx.Rngs,
     ):
         d = cfg.hidden_size
@@ -240,7 +257,10 @@ class Timesformer(nnx.Module):
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d), param_dtype))
         self.pos_embed = nnx.Param(init(rngs.params(), (1, 1 + cfg.grid**2, d), param_dtype))
         self.time_embed = nnx.Param(init(rngs.params(), (1, cfg.num_frames, d), param_dtype))
-        self.layers = nnx.List([TimesformerBlock(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+        check_attention(attention)
+        self.layers = nnx.List(
+            [TimesformerBlock(cfg, attention=attention, **kw) for _ in range(cfg.num_hidden_layers)]
+        )
         self.norm = layer_norm(d, eps=cfg.layer_norm_eps, **kw)
 
     def normalize(self, video: Array) -> Array:
@@ -305,7 +325,13 @@ class Timesformer(nnx.Module):
 
     @classmethod
     def from_pretrained(
-        cls, source, *, dtype=None, param_dtype=jnp.float32, remat: bool = False
+        cls,
+        source,
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+        attention: str = "auto",
     ) -> Timesformer:
         """Loads a ``TimesformerModel`` or ``TimesformerForVideoClassification`` checkpoint.
 
@@ -322,7 +348,14 @@ class Timesformer(nnx.Module):
         tensors = hf_weights.read_tensors(directory)
         prefix = "timesformer." if any(k.startswith("timesformer.") for k in tensors) else ""
         return hf_weights.load_module(
-            lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)),
+            lambda: cls(
+                cfg,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                remat=remat,
+                attention=attention,
+                rngs=nnx.Rngs(0),
+            ),
             tensors,
             rules(prefix),
             source=str(source),

@@ -23,7 +23,7 @@ from cmdcl_jax.train import metrics_log, run_record, setup, validation
 from cmdcl_jax.train.checkpoints import Checkpoints
 from cmdcl_jax.train.evaluation import evaluate_splits
 from cmdcl_jax.train.lock import hold_workdir
-from cmdcl_jax.train.steps import train_step
+from cmdcl_jax.train.steps import bind_train_step
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: Path, *, training: bool):
@@ -111,6 +111,14 @@ def _train_loop(
     )
     tick, tick_step = time.time(), step
     first_split = config.dataset.eval_splits[0]
+    train_step = bind_train_step(
+        graphdef=run.graphdef,
+        tx=run.tx,
+        kind=run.task.kind,
+        accum_steps=config.train.accum_steps,
+        mesh=run.mesh,
+        fsdp_min_size=config.mesh.fsdp_min_size,
+    )
 
     def flush() -> None:
         """Fetches pending metrics, stops on a non-finite loss, logs the mean."""
@@ -146,18 +154,7 @@ def _train_loop(
             placed = sharding.place_batch(
                 {"video": batch["video"], "label": batch["label"]}, run.mesh
             )
-            run.state, m = train_step(
-                run.state,
-                run.frozen,
-                placed,
-                base_key,
-                graphdef=run.graphdef,
-                tx=run.tx,
-                kind=run.task.kind,
-                accum_steps=config.train.accum_steps,
-                mesh=run.mesh,
-                fsdp_min_size=config.mesh.fsdp_min_size,
-            )
+            run.state, m = train_step(run.state, run.frozen, placed, base_key)
             step += 1
             bar.update(1)
             pending.append((step, m))

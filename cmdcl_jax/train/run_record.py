@@ -24,13 +24,16 @@ from cmdcl_jax import atomic
 from cmdcl_jax.models.cmdcl import CMDCLConfig
 
 # Fields that a resumed run may change freely: how the same computation is run or logged,
-# not what it computes (compute dtype, remat, evaluation batch, workers, intervals, mesh).
+# not what it computes (compute dtype, remat, attention implementation, evaluation batch,
+# workers, intervals, mesh).
 RESUMABLE = frozenset(
     {
         "config.model.dtype",
         "config.model.remat",
+        "config.model.attention",
         "model.dtype",
         "model.remat",
+        "model.attention",
         "config.eval.batch_size",
         "config.eval.every_steps",
         "config.dataset.num_workers",
@@ -168,7 +171,8 @@ def load_trained(workdir: Path, recover: Callable[[], dict | None]) -> dict:
 def check_identity(workdir: Path, record: dict, previous: dict) -> None:
     """Refuses a workdir whose run has another model or classes (evaluation, prediction)."""
     diff = {k: v for k, v in changes(previous, record).items() if k.startswith(IDENTITY)}
-    diff.pop("model.dtype", None), diff.pop("model.remat", None)
+    for key in ("model.dtype", "model.remat", "model.attention"):
+        diff.pop(key, None)
     if diff:
         raise RunRecordError(
             f"{workdir / 'run.json'}: {workdir} holds a run of another model or task; these "
