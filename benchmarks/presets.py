@@ -48,6 +48,14 @@ class Preset:
     def with_dtype(self, dtype: str) -> Preset:
         return dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, dtype=dtype))
 
+    def resized(self, num_frames: int = 0, batch_size: int = 0) -> Preset:
+        """Another clip length L or batch B (0 keeps the preset's); the TimeSformer's time
+        table and STA's positions are interpolated to L as in a run at that length."""
+        cfg = self.cfg
+        if num_frames:
+            cfg = dataclasses.replace(cfg, num_frames=num_frames)
+        return dataclasses.replace(self, cfg=cfg, batch_size=batch_size or self.batch_size)
+
     def build(self, seed: int = 0) -> CMDCL:
         """The model with random weights (``text_embeddings`` random unit vectors)."""
         return CMDCL(self.cfg, self.arch, self.num_classes, rngs=nnx.Rngs(seed))

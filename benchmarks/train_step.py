@@ -52,6 +52,8 @@ _ATTENTION = flags.DEFINE_list(
     "Our TimeSformer attention implementations (model.attention), "
     "one contender each; 'default' leaves the config's.",
 )
+_FRAMES = flags.DEFINE_integer("frames", 0, "Clip length L (0: the preset's).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Batch B (0: the preset's).")
 _OUT = flags.DEFINE_string("out", "", "Also write the results here as JSON.")
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run as this contender's process.")
 _PRESET = flags.DEFINE_string("preset", "", "Internal: the worker's preset.")
@@ -111,23 +113,27 @@ class JaxStep:
     def __init__(self, preset, seed: int = 0):
         import jax
         import jax.numpy as jnp
-        import ml_collections
+        import optax
         from flax import nnx
 
         from cmdcl_jax import sharding
-        from cmdcl_jax.models.cmdcl import TRAINABLE
-        from cmdcl_jax.train import setup, steps
+        from cmdcl_jax.models.cmdcl import CONFOUNDERS, TRAINABLE
+        from cmdcl_jax.train import steps
 
         self.jax, self.sharding = jax, sharding
         self.gpu = jax.default_backend() == "gpu"
         model = preset.build(seed)
-        graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
-        optimizer = dict(
-            learning_rate=1e-4, warmup_steps=0, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999
-        )
-        tx = setup.make_optimizer(ml_collections.ConfigDict(optimizer), 1000)
+        graphdef, params, confounders, frozen = nnx.split(model, TRAINABLE, CONFOUNDERS, ...)
+        # The training loop's optimizer (setup.make_optimizer) at a constant learning rate;
+        # setup itself is not imported, so the worker runs without the data stack.
+        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-4))
         self.mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": tx.init(params),
+            "confounders": confounders,
+        }
         self.state = jax.device_put(state, sharding.tree_shardings(state, self.mesh))
         self.frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, self.mesh))
         self.batch, self.key = preset.batch(seed), jax.random.key(seed)
@@ -264,7 +270,7 @@ def serve(contender: str, preset_name: str, dtype: str, attention: str) -> None:
     """The worker: builds, warms up, then answers one JSON command per stdin line."""
     from presets import preset
 
-    p = preset(preset_name).with_dtype(dtype)
+    p = preset(preset_name).with_dtype(dtype).resized(_FRAMES.value, _BATCH.value)
     if attention != "default":
         p = dataclasses.replace(p, cfg=dataclasses.replace(p.cfg, attention=attention))
     step = make_step(contender, p)
@@ -352,6 +358,7 @@ def bench_preset(name: str, root: Path, logs: Path) -> dict:
     workers = []
     for cname, checkout, argv in contenders(root):  # they build and compile side by side
         flags_ = [*argv, "--preset", name, "--dtype", _DTYPE.value]
+        flags_ += [f"--frames={_FRAMES.value}", f"--batch_size={_BATCH.value}"]
         workers.append(Worker(cname, checkout, flags_, logs / f"{name}-{cname}.log"))
     print(f"starting {', '.join(w.name for w in workers)} ...", flush=True)
     info = {}
