@@ -29,7 +29,8 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 # How attention is computed: "explicit" (the einsums and float32 softmax below), "xla" or
 # "cudnn" (``jax.nn.dot_product_attention`` with that implementation), or "auto": cuDNN's
 # fused kernel on an NVIDIA GPU for bfloat16/float16 heads it takes (width a multiple of 8,
-# at most 128), XLA's otherwise (cuDNN has no float32 kernel).
+# at most 128; even sequence lengths, as its training kernels need: a ViT's 197 tokens are
+# refused), XLA's otherwise (cuDNN has no float32 kernel).
 ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn")
 
 
@@ -153,7 +154,7 @@ def multi_head_attention(
         if mask is not None:
             raise ValueError(f"attention {implementation!r} takes no mask; use 'explicit'")
         if implementation == "auto":
-            implementation = _auto_attention(q.dtype, dh)
+            implementation = _auto_attention(q.dtype, dh, t, s)
         out = jax.nn.dot_product_attention(
             q.reshape(-1, t, num_heads, dh),  # [B', T, H, Dh]
             k.reshape(-1, s, num_heads, dh),
@@ -177,10 +178,12 @@ def multi_head_attention(
     return out.reshape(*lead, t, width)
 
 
-def _auto_attention(dtype, head_dim: int) -> str:
-    """The implementation "auto" picks for heads of ``dtype`` and width ``head_dim``."""
+def _auto_attention(dtype, head_dim: int, q_len: int, kv_len: int) -> str:
+    """The implementation "auto" picks for heads of ``dtype`` and width ``head_dim`` over
+    ``q_len`` queries and ``kv_len`` keys."""
     cudnn = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    return "cudnn" if cudnn and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+    shapes = head_dim % 8 == 0 and head_dim <= 128 and q_len % 2 == 0 and kv_len % 2 == 0
+    return "cudnn" if cudnn and shapes else "xla"
 
 
 def check_attention(name: str) -> str:
