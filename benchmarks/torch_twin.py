@@ -158,11 +158,19 @@ class TorchCMDCL(nn.Module):
         self.tau = (cfg.tau_t, cfg.tau_v)
         if cfg.learn_temperature:
             self.log_tau = nn.Parameter(_tensor(model.log_tau[...]))
-        self.clip_mean = torch.tensor(model.clip.image_mean).view(1, 1, 1, 3)
-        self.clip_std = torch.tensor(model.clip.image_std).view(1, 1, 1, 3)
+        self.register_buffer(
+            "clip_mean", torch.tensor(model.clip.image_mean).view(1, 1, 1, 3), persistent=False
+        )
+        self.register_buffer(
+            "clip_std", torch.tensor(model.clip.image_std).view(1, 1, 1, 3), persistent=False
+        )
         ts_cfg = model.timesformer.cfg
-        self.video_mean = torch.tensor(ts_cfg.image_mean).view(1, 1, 1, 3)
-        self.video_std = torch.tensor(ts_cfg.image_std).view(1, 1, 1, 3)
+        self.register_buffer(
+            "video_mean", torch.tensor(ts_cfg.image_mean).view(1, 1, 1, 3), persistent=False
+        )
+        self.register_buffer(
+            "video_std", torch.tensor(ts_cfg.image_std).view(1, 1, 1, 3), persistent=False
+        )
 
         self.clip = _clip_vision(model, arch.clip)
         self.clip.requires_grad_(False)
