@@ -14,14 +14,6 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()  # grain workers and absl-using code outside app.run
 
 
-def pytest_collection_modifyitems(items):
-    """Under ``pytest -n 2 --dist loadgroup`` (the README's test command) every test of the
-    shared ``trained`` run goes to one worker, so the run is trained once per session."""
-    for item in items:
-        if "trained" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("trained"))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
     """A persistent XLA cache for the ``python -m cmdcl_jax.main`` subprocesses: a resumed or
