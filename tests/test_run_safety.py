@@ -165,6 +165,14 @@ def test_accepted_and_resumable_changes(tmp_path):
     run_record.reconcile(tmp_path, bigger_eval, latest_step=40, **kwargs)
     written = run_record.read(tmp_path)
     assert written["config"]["eval"]["batch_size"] == 64 and len(written["config_changes"]) == 1
+    newer_code = json.loads(json.dumps(bigger_eval))  # a field the recorded run did not have
+    newer_code["config"]["train"]["new_knob"] = "off"
+    run_record.reconcile(tmp_path, newer_code, latest_step=50, **kwargs)
+    assert run_record.read(tmp_path)["config"]["train"]["new_knob"] == "off"
+    removed = json.loads(json.dumps(newer_code))
+    del removed["config"]["train"]["learning_rate"]  # one it had is still a change
+    with pytest.raises(run_record.RunRecordError, match="learning_rate: 0.2 -> null"):
+        run_record.reconcile(tmp_path, removed, latest_step=60, **kwargs)
 
 
 def test_retention_is_the_last_keep_plus_the_best():

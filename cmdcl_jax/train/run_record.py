@@ -193,9 +193,9 @@ def reconcile(
     (by the process with ``write``). Returns the record as written.
 
     Raises:
-      RunRecordError: fields outside :data:`RESUMABLE` changed and ``allow_config_change``
-        is False (listing them); or ``run.json`` is missing or damaged in a workdir with
-        checkpoints and no copy.
+      RunRecordError: fields outside :data:`RESUMABLE` that the recorded run had changed
+        and ``allow_config_change`` is False (listing them); or ``run.json`` is missing or
+        damaged in a workdir with checkpoints and no copy.
     """
     file = workdir / "run.json"
     previous, problem = load(workdir, recover)
@@ -205,7 +205,14 @@ def reconcile(
             f"{workdir / 'checkpoints'} is unknown: restore the file or use a new --workdir"
         )
     diff = changes(previous, record) if previous is not None else {}
-    blocking = {k: v for k, v in diff.items() if k not in RESUMABLE}
+    # Fields the code gained after the checkpoints were written: the run did not have them,
+    # so they take this config's values. One that changes the model's arrays (a TCI
+    # dictionary, say) still fails the checkpoint's restore, which checks every array.
+    recorded = _flat(previous) if previous is not None else {}
+    added = {k: v for k, v in diff.items() if k not in recorded}
+    blocking = {k: v for k, v in diff.items() if k not in RESUMABLE and k not in added}
+    if added:
+        logging.warning("%s: fields added since this run was recorded:%s", file, _listing(added))
     if blocking and not allow_config_change:
         raise RunRecordError(
             f"{file}: this config differs from the one that trained the checkpoints in "
