@@ -46,19 +46,6 @@ VLMS = ("random", "pretrained")
 # Fields each run gets from the ablation itself; --set may not change them.
 OWN_FIELDS = ("seed", "model.tci", "model.vci", "model.clip", "dataset.data_dir")
 
-_CONFIG = flags.DEFINE_string(
-    "config", "configs/synthetic.py", "Run config file; its argument comes from --data."
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Runs, data and the tables go here.", required=True)
-_SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds 0..N-1 of every variant, VLM and data.")
-_VARIANTS = flags.DEFINE_list("variants", list(table.VARIANTS), "Variants (paper Table 3).")
-_VLM = flags.DEFINE_list("vlm", list(VLMS), "The frozen CLIP: random, pretrained or both.")
-_DATA = flags.DEFINE_list("data", ["default"], "Config arguments, e.g. default,unconfounded.")
-_SET = flags.DEFINE_multi_string("set", [], "Config override for every run: key=value.")
-_FINISHED_ONLY = flags.DEFINE_bool(
-    "finished_only", False, "Tabulate the runs finished in --workdir; start none."
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -256,23 +243,41 @@ def write_tables(
     return markdown
 
 
+def define_flags() -> None:
+    """The command's flags, defined only when it is the entry point: the module is also
+    imported as a library beside other entry points' flags (``--workdir``, ``--config``)."""
+    flags.DEFINE_string(
+        "config", "configs/synthetic.py", "Run config file; its argument comes from --data."
+    )
+    flags.DEFINE_string("workdir", None, "Runs, data and the tables go here.", required=True)
+    flags.DEFINE_integer("seeds", 5, "Seeds 0..N-1 of every variant, VLM and data.")
+    flags.DEFINE_list("variants", list(table.VARIANTS), "Variants (paper Table 3).")
+    flags.DEFINE_list("vlm", list(VLMS), "The frozen CLIP: random, pretrained or both.")
+    flags.DEFINE_list("data", ["default"], "Config arguments, e.g. default,unconfounded.")
+    flags.DEFINE_multi_string("set", [], "Config override for every run: key=value.")
+    flags.DEFINE_bool(
+        "finished_only", False, "Tabulate the runs finished in --workdir; start none."
+    )
+
+
 def main(argv):
     del argv
     quiet_logs()
-    check_options(_CONFIG.value, _VARIANTS.value, _VLM.value, _SET.value)
-    root = Path(_WORKDIR.value)
+    f = flags.FLAGS
+    check_options(f.config, f.variants, f.vlm, f.set)
+    root = Path(f.workdir)
     root.mkdir(parents=True, exist_ok=True)
     # Seed-major, so an interrupted ablation has covered every variant, VLM and data.
     runs = [
         Run(data, vlm, variant, seed)
-        for seed in range(_SEEDS.value)
-        for data in _DATA.value
-        for vlm in _VLM.value
-        for variant in _VARIANTS.value
+        for seed in range(f.seeds)
+        for data in f.data
+        for vlm in f.vlm
+        for variant in f.variants
     ]
     start = time.time()
     rows, failures, metric = run_ablation(
-        root, _CONFIG.value, runs, _SET.value, finished_only=_FINISHED_ONLY.value
+        root, f.config, runs, f.set, finished_only=f.finished_only
     )
     command = "python -m cmdcl_jax.ablate " + shlex.join(sys.argv[1:])
     print("\n" + write_tables(root, rows, failures, metric, command))
@@ -282,4 +287,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -285,19 +285,20 @@ def zero_shot(clip: Clip, tokenizer, spec, template: str, size: int, config) -> 
     return out
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/synthetic.py", "Run config file (a CausalKitchen one).", lock_config=True
-)
-_OUT = flags.DEFINE_string("out", None, "Output directory (default: under dataset.data_dir).")
-
-
 def main(argv):
     del argv
     quiet_logs()
-    directory = ensure_pretrained_vlm(_CONFIG.value, _OUT.value)
+    directory = ensure_pretrained_vlm(flags.FLAGS.config, flags.FLAGS.out)
     results = json.loads((directory / RESULTS).read_text())
     print(json.dumps({"directory": str(directory.absolute()), **results["zero_shot"]}, indent=2))
 
 
 if __name__ == "__main__":
+    # The flags exist only when this is the entry point: as a library
+    # (``ensure_pretrained_vlm``) it is imported beside other entry points, such as
+    # ``cmdcl_jax.ablate``, that define their own --config.
+    config_flags.DEFINE_config_file(
+        "config", "configs/synthetic.py", "Run config file (a CausalKitchen one).", lock_config=True
+    )
+    flags.DEFINE_string("out", None, "Output directory (default: under dataset.data_dir).")
     app.run(main)
