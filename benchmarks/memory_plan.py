@@ -41,7 +41,7 @@ from absl import app, flags
 from flax import nnx
 
 from cmdcl_jax.models.clip import ClipConfig, ClipTowerConfig
-from cmdcl_jax.models.cmdcl import CMDCL, TRAINABLE, Architectures, CMDCLConfig
+from cmdcl_jax.models.cmdcl import CMDCL, CONFOUNDERS, TRAINABLE, Architectures, CMDCLConfig
 from cmdcl_jax.models.timesformer import TimesformerConfig
 from cmdcl_jax.run_config import base_config
 from cmdcl_jax.train import setup, steps
@@ -79,12 +79,13 @@ def abstract_run(dtype: str, remat: bool, frames: int, num_classes: int):
     model = nnx.eval_shape(
         lambda: CMDCL(cfg, base_architectures(cfg), num_classes, rngs=nnx.Rngs(0))
     )
-    graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
+    graphdef, params, confounders, frozen = nnx.split(model, TRAINABLE, CONFOUNDERS, ...)
     tx = setup.make_optimizer(base_config().train, num_steps=1000)
     state = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "params": params,
         "opt_state": jax.eval_shape(tx.init, params),
+        "confounders": confounders,
     }
     return graphdef, state, frozen, tx
 

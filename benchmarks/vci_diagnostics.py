@@ -29,7 +29,7 @@ from absl import app, flags
 from flax import nnx
 
 from cmdcl_jax.data import causal_kitchen as ck
-from cmdcl_jax.models.cmdcl import TRAINABLE, CMDCLConfig, build_cmdcl
+from cmdcl_jax.models.cmdcl import CONFOUNDERS, TRAINABLE, CMDCLConfig, build_cmdcl
 from cmdcl_jax.models.tiny_clip import write_tiny_clip
 from cmdcl_jax.train import setup, steps
 
@@ -105,12 +105,18 @@ def main(argv):
         text_scale=_TEXT_SCALE.value,
         tau_v=_TAU_V.value,
     )
-    graphdef, params, frozen = nnx.split(build_cmdcl(cfg, names, seed=_SEED.value), TRAINABLE, ...)
+    model = build_cmdcl(cfg, names, seed=_SEED.value)
+    graphdef, params, confounders, frozen = nnx.split(model, TRAINABLE, CONFOUNDERS, ...)
     hparams = ml_collections.ConfigDict(
         dict(learning_rate=_LR.value, warmup_steps=10, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999)
     )
     tx = setup.make_optimizer(hparams, _STEPS.value)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "confounders": confounders,
+    }
     key, rng = jax.random.key(_SEED.value), np.random.default_rng(_SEED.value)
     probe_batch = (frames[:16], labels[:16])
     print("step 0:", json.dumps(probe(graphdef, state["params"], frozen, *probe_batch)))

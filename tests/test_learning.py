@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from cmdcl_jax.data import causal_kitchen as ck
-from cmdcl_jax.models.cmdcl import TRAINABLE, CMDCLConfig, build_cmdcl
+from cmdcl_jax.models.cmdcl import CONFOUNDERS, TRAINABLE, CMDCLConfig, build_cmdcl
 from cmdcl_jax.models.tiny_clip import write_tiny_clip
 from cmdcl_jax.train import setup, steps
 
@@ -39,12 +39,17 @@ def test_every_variant_fits_unconfounded_videos(videos, clip_dir, tci, vci):
     frames, labels = videos
     cfg = CMDCLConfig.tiny(clip_dir, tci=tci, vci=vci)
     model = build_cmdcl(cfg, ck.activity_names(SPEC), seed=0)
-    graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
+    graphdef, params, confounders, frozen = nnx.split(model, TRAINABLE, CONFOUNDERS, ...)
     hparams = ml_collections.ConfigDict(
         dict(learning_rate=3e-3, warmup_steps=10, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999)
     )
     tx = setup.make_optimizer(hparams, STEPS)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "confounders": confounders,
+    }
     key = jax.random.key(0)
     rng = np.random.default_rng(0)
     losses = []
