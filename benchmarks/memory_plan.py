@@ -81,12 +81,7 @@ def abstract_run(dtype: str, remat: bool, frames: int, num_classes: int):
     )
     graphdef, params, confounders, frozen = nnx.split(model, TRAINABLE, CONFOUNDERS, ...)
     tx = setup.make_optimizer(base_config().train, num_steps=1000)
-    state = {
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "params": params,
-        "opt_state": jax.eval_shape(tx.init, params),
-        "confounders": confounders,
-    }
+    state = jax.eval_shape(lambda p, c: steps.initial_state(p, c, tx), params, confounders)
     return graphdef, state, frozen, tx
 
 

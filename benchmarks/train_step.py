@@ -112,7 +112,6 @@ class JaxStep:
 
     def __init__(self, preset, seed: int = 0):
         import jax
-        import jax.numpy as jnp
         import optax
         from flax import nnx
 
@@ -128,12 +127,7 @@ class JaxStep:
         # setup itself is not imported, so the worker runs without the data stack.
         tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-4))
         self.mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        state = {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "opt_state": tx.init(params),
-            "confounders": confounders,
-        }
+        state = steps.initial_state(params, confounders, tx)
         self.state = jax.device_put(state, sharding.tree_shardings(state, self.mesh))
         self.frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, self.mesh))
         self.batch, self.key = preset.batch(seed), jax.random.key(seed)

@@ -111,12 +111,7 @@ def main(argv):
         dict(learning_rate=_LR.value, warmup_steps=10, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999)
     )
     tx = setup.make_optimizer(hparams, _STEPS.value)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": tx.init(params),
-        "confounders": confounders,
-    }
+    state = steps.initial_state(params, confounders, tx)
     key, rng = jax.random.key(_SEED.value), np.random.default_rng(_SEED.value)
     probe_batch = (frames[:16], labels[:16])
     print("step 0:", json.dumps(probe(graphdef, state["params"], frozen, *probe_batch)))

@@ -44,12 +44,7 @@ def test_every_variant_fits_unconfounded_videos(videos, clip_dir, tci, vci):
         dict(learning_rate=3e-3, warmup_steps=10, grad_clip=1.0, adam_b1=0.9, adam_b2=0.999)
     )
     tx = setup.make_optimizer(hparams, STEPS)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": tx.init(params),
-        "confounders": confounders,
-    }
+    state = steps.initial_state(params, confounders, tx)
     key = jax.random.key(0)
     rng = np.random.default_rng(0)
     losses = []

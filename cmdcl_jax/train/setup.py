@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
@@ -25,6 +24,7 @@ from cmdcl_jax import atomic, sharding
 from cmdcl_jax.data import builders, causal_kitchen, order, pipeline
 from cmdcl_jax.models.cmdcl import CONFOUNDERS, TRAINABLE, CMDCLConfig, build_cmdcl
 from cmdcl_jax.models.tiny_clip import write_tiny_clip
+from cmdcl_jax.train import steps
 
 BEST_METRIC = {"single": "acc1", "multi": "mAP"}  # by task kind: what picks the best checkpoint
 
@@ -183,12 +183,7 @@ def build_run(config: ml_collections.ConfigDict, task: Task, model_cfg: CMDCLCon
     frozen = jax.device_put(frozen, jax.tree.map(lambda x: place_frozen(x.shape), frozen))
     num_steps = total_steps(config, task)
     tx = make_optimizer(config.train, num_steps)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": tx.init(params),
-        "confounders": confounders,
-    }
+    state = steps.initial_state(params, confounders, tx)
     state = jax.device_put(state, sharding.tree_shardings(state, mesh, min_size))
     return Run(task, graphdef, state, frozen, mesh, tx, num_steps)
 

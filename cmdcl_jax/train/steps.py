@@ -26,6 +26,18 @@ def loss_fn(logits: jax.Array, labels: jax.Array, kind: str) -> jax.Array:
     return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)).mean()
 
 
+def initial_state(params, confounders, tx: optax.GradientTransformation) -> dict:
+    """The train step's state at step 0: ``{"step", "params", "opt_state", "confounders"}``
+    from a model's trainable ``params`` and TCI ``confounders`` (its ``nnx.split`` with
+    ``TRAINABLE, CONFOUNDERS, ...``); unplaced."""
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "confounders": confounders,
+    }
+
+
 def _train_step(
     state,
     frozen,
