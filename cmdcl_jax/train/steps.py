@@ -68,11 +68,13 @@ def _train_step(
       (new state, ``{"loss", "grad_norm"}``).
     """
     key = jax.random.fold_in(base_key, state["step"])
+    has_dictionary = bool(jax.tree.leaves(state["confounders"]))  # static: tci_mode
 
     def micro_loss(params, micro, micro_key):
         model = nnx.merge(graphdef, params, state["confounders"], frozen)
         logits, aux = model(micro["video"], deterministic=False, rngs=nnx.Rngs(dropout=micro_key))
-        return loss_fn(logits, micro["label"], kind), aux.get("bias")  # bias [b, C, D]
+        bias = aux["bias"] if has_dictionary else None  # [b, C, D], the dictionary's input
+        return loss_fn(logits, micro["label"], kind), bias
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     if accum_steps == 1:
@@ -94,7 +96,7 @@ def _train_step(
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     confounders = state["confounders"]
-    if biases is not None:
+    if has_dictionary:
         model = nnx.merge(graphdef, state["params"], confounders, frozen)
         model.update_confounders(biases)
         confounders = nnx.state(model, CONFOUNDERS)
