@@ -71,6 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0  # global norm; <= 0 disables
     c.train.adam_b1 = 0.9
     c.train.adam_b2 = 0.999
+    # Train on one fixed view of each clip (the evaluation view: segment middles, centre
+    # crop, no flip) and compute the frozen CLIP's frame features V_P of the training split
+    # once, before the first step, instead of in every step (TCI's input; N x L x D floats
+    # in each process's memory). Exact for that view; it costs all training augmentation.
+    c.train.clip_cache = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 8

@@ -27,7 +27,7 @@ from cmdcl_jax import sharding, train
 from cmdcl_jax.data import pipeline
 from cmdcl_jax.data.transforms import take_frames
 from cmdcl_jax.data.video import write_video
-from cmdcl_jax.train import setup, steps
+from cmdcl_jax.train import clip_cache, setup, steps
 from cmdcl_jax.train.checkpoints import Checkpoints
 
 
@@ -385,3 +385,52 @@ def test_confounder_dictionary_updates_in_the_train_step_and_is_checkpointed(dat
         for s in (run.state, restored)
     ]
     np.testing.assert_array_equal(*map(np.asarray, logits))
+
+
+def test_clip_cache_holds_what_the_step_computes(data_dir, tmp_path):
+    """train.clip_cache: training reads the evaluation view, the cache holds V_P of exactly
+    those pixels by example index, and a step fed the cache is the step computing V_P.
+
+    Both sides run the same float32 ops on the same pixels, batched differently, so V_P
+    agree to rounding (~1e-7 on unit vectors) and the losses to ~1e-7 relative. The random
+    view's V_P differ by more: measured 3.1e-3 here, where crops keep 90-100 % of a frame
+    and the tiny CLIP is random, so 1e-5 tells the views apart."""
+    config = synthetic(
+        data_dir,
+        **{
+            "train.batch_size": 8,
+            "train.clip_cache": True,
+            "train.num_steps": 2,
+            "dataset.eval_splits": ("val_shifted",),
+        },
+    )
+    results = train.train_and_evaluate(config, tmp_path)  # the loop, with the cache
+    assert results["val_shifted"]["num_examples"] == NUM_TEST
+    run = build(config, tmp_path / "fresh")
+    cache = clip_cache.clip_features(config, run)
+    assert cache.shape == (160, config.dataset.num_frames, 32)
+    error = {}
+    for fixed in (False, True):
+        config.train.clip_cache = fixed
+        batch = next(iter(setup.make_loader(config, run.task, split="train", training=True)))
+        video = jax.device_put(batch["video"])
+        v_p = steps.clip_step(run.state["params"], run.frozen, video, graphdef=run.graphdef)
+        error[fixed] = np.abs(np.asarray(v_p) - cache[batch["index"]]).max()
+    assert error[True] < 1e-5 < 1e-3 < error[False]
+    losses = []
+    for fields in ({}, {"frames_clip": cache[batch["index"]]}):
+        placed = sharding.place_batch(
+            {"video": batch["video"], "label": batch["label"], **fields}, run.mesh
+        )
+        _, metrics = steps.train_step(
+            gradient_state(jax.tree.map(lambda x: x.copy(), run.state)),
+            run.frozen,
+            placed,
+            jax.random.key(0),
+            graphdef=run.graphdef,
+            tx=GRADIENT_STEP,
+            kind=run.task.kind,
+            accum_steps=1,
+        )
+        losses.append(float(metrics["loss"]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)

@@ -165,6 +165,7 @@ def make_train_loader(
     start_step: int = 0,
     scale: tuple[float, float] = (0.25, 1.0),
     flip: bool = True,
+    fixed_view: bool = False,
     num_workers: int = 2,
     prefetch: int = 2,
     process_index: int | None = None,
@@ -193,6 +194,9 @@ def make_train_loader(
             starts with global batch `start_step`.
         scale: range of the crop's share of the frame area.
         flip: random horizontal flip.
+        fixed_view: every clip in the evaluation view instead (segment middles, centre
+            crop, no flip; `scale` and `flip` unused): the view a CLIP feature cache
+            holds exactly.
         num_workers: grain worker processes (0: in this process).
         prefetch: batches buffered per worker.
         process_index: this process; defaults to `jax.process_index()`.
@@ -204,11 +208,25 @@ def make_train_loader(
     stream = order.EpochOrder(len(source), batch_size, seed, num_epochs)
     multi = task_type(dataset, task) == "multi"
     ds = grain.MapDataset.source(LabelledFrames(source, stream, None, task, multi))
-    # random_map seeds each element by its index in `ds`: the global stream position.
-    ds = ds.random_map(TrainTransform(num_frames, crop_size, scale=scale, flip=flip), seed=seed)
+    if fixed_view:
+        ds = ds.map(eval_transform(num_frames, crop_size))
+    else:  # random_map seeds each element by its index in `ds`: the global stream position.
+        ds = ds.random_map(TrainTransform(num_frames, crop_size, scale=scale, flip=flip), seed=seed)
     # Chunk k of B_local positions is process k % P's part of global batch k // P.
     ds = ds.batch(local_batch)[start_step * count + index :: count]
     return _finish(ds, num_workers, prefetch)
+
+
+def eval_transform(
+    num_frames: int,
+    crop_size: int,
+    resize_to: int | None = None,
+    num_clips: int = 1,
+    num_crops: int = 1,
+) -> EvalTransform:
+    """The evaluation view; ``resize_to`` defaults to crop_size * 8 / 7 (256 for 224)."""
+    resize_to = resize_to or round(crop_size * 8 / 7)
+    return EvalTransform(num_frames, crop_size, resize_to, num_clips, num_crops)
 
 
 def eval_indices(
@@ -253,7 +271,7 @@ def make_eval_loader(
         dataset, data_dir, task, batch_size, num_frames, crop_size, config, num_workers,
         prefetch, process_index, process_count: as for `make_train_loader`.
         split: split to read ("test", or "test_iid" / "test_shifted" for CausalKitchen).
-        resize_to: short side before the centre crop; default crop_size * 8 / 7 (256 for 224).
+        resize_to: short side before the centre crop (default: see `eval_transform`).
         num_clips: temporal views (offsets within each segment).
         num_crops: spatial views along the long side.
     """
@@ -261,13 +279,7 @@ def make_eval_loader(
     source = open_split(dataset, data_dir, split, config)
     indices, mask = eval_indices(len(source), index, count, _local_batch(batch_size, count))
     multi = task_type(dataset, task) == "multi"
-    transform = EvalTransform(
-        num_frames,
-        crop_size,
-        resize_to or round(crop_size * 8 / 7),
-        num_clips=num_clips,
-        num_crops=num_crops,
-    )
+    transform = eval_transform(num_frames, crop_size, resize_to, num_clips, num_crops)
     ds = grain.MapDataset.source(LabelledFrames(source, indices, mask, task, multi))
     ds = ds.map(transform).batch(_local_batch(batch_size, count))
     return _finish(ds, num_workers, prefetch)

@@ -310,10 +310,18 @@ class CMDCL(nnx.Module):
         tau = jnp.exp(self.log_tau[...])
         return tau[0], tau[1]
 
+    def clip_features(self, video: Array) -> Array:
+        """V_P: the frozen CLIP's normalised embedding of every frame, [B, L, D], of uint8
+        ``video`` [B, L, H, W, 3]; no gradient flows through it."""
+        b, l, h, w, _ = video.shape
+        frames = self.clip.normalize(video).reshape(b * l, h, w, 3)  # [B*L, H, W, 3]
+        return jax.lax.stop_gradient(normalize(self.clip(frames))).reshape(b, l, -1)
+
     def __call__(
         self,
         video: Array,
         *,
+        frames_clip: Array | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
         fine_scores: bool = False,
@@ -322,6 +330,8 @@ class CMDCL(nnx.Module):
 
         Args:
           video: uint8 frames [B, L, H, W, 3] (normalised here, per encoder).
+          frames_clip: V_P [B, L, D] of ``video`` computed before (:meth:`clip_features`,
+            the training loop's CLIP cache); None computes it here.
           deterministic: no dropout when True (evaluation).
           rngs: a ``dropout`` stream, needed when ``deterministic`` is False.
           fine_scores: also return SF [B, C, L, D] materialised (analysis only).
@@ -333,10 +343,9 @@ class CMDCL(nnx.Module):
           [B, C, D] (each video's own), with VCI ``frames_sta`` VH [B, L, D] and ``vhat``
           [B, C, D].
         """
-        b, l, h, w, _ = video.shape
+        b = video.shape[0]
         tau_t, tau_v = self.temperatures()
-        frames = self.clip.normalize(video).reshape(b * l, h, w, 3)  # [B*L, H, W, 3]
-        v_p = jax.lax.stop_gradient(normalize(self.clip(frames))).reshape(b, l, -1)  # [B, L, D]
+        v_p = self.clip_features(video) if frames_clip is None else frames_clip  # [B, L, D]
         text = self.text_embeddings[...]  # [C, D]
         aux = {"frames_clip": v_p}
 

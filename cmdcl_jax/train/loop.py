@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from cmdcl_jax import sharding
 from cmdcl_jax.train import metrics_log, run_record, setup, validation
 from cmdcl_jax.train.checkpoints import Checkpoints
+from cmdcl_jax.train.clip_cache import clip_features
 from cmdcl_jax.train.evaluation import evaluate_splits
 from cmdcl_jax.train.lock import hold_workdir
 from cmdcl_jax.train.steps import bind_train_step
@@ -89,12 +90,21 @@ def train_and_evaluate(
         )
         steps = list(checkpoints.manager.all_steps())
         checkpoints.scores = _logged_scores(workdir, config, task, steps)
-        return _train_loop(config, workdir, run, checkpoints, train_iter, record)
+        cache = clip_features(config, run) if config.train.clip_cache else None
+        return _train_loop(config, workdir, run, checkpoints, train_iter, record, cache)
 
 
 def _train_loop(
-    config, workdir: Path, run: setup.Run, checkpoints: Checkpoints, train_iter, record: dict
+    config,
+    workdir: Path,
+    run: setup.Run,
+    checkpoints: Checkpoints,
+    train_iter,
+    record: dict,
+    clip_cache: np.ndarray | None,
 ) -> dict:
+    """Steps to ``run.num_steps``, saving, evaluating and logging; ``clip_cache``: V_P
+    [N, L, D] of the training split by example index (``config.train.clip_cache``)."""
     from tqdm import tqdm
 
     step = int(run.state["step"])
@@ -151,9 +161,10 @@ def _train_loop(
     try:
         while step < run.num_steps:
             batch = next(train_iter)
-            placed = sharding.place_batch(
-                {"video": batch["video"], "label": batch["label"]}, run.mesh
-            )
+            fields = {"video": batch["video"], "label": batch["label"]}
+            if clip_cache is not None:
+                fields["frames_clip"] = clip_cache[batch["index"]]  # [B_local, L, D]
+            placed = sharding.place_batch(fields, run.mesh)
             run.state, m = train_step(run.state, run.frozen, placed, base_key)
             step += 1
             bar.update(1)

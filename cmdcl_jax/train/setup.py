@@ -210,6 +210,7 @@ def make_loader(
             seed=seed,
             start_step=start_step,
             scale=tuple(d.crop_area),
+            fixed_view=config.train.clip_cache,
             **common,
         )
     return pipeline.make_eval_loader(

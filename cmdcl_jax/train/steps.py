@@ -58,7 +58,8 @@ def _train_step(
         state, confounders TCI's dictionary (updated once per step from the whole batch's
         biases, after the gradient, which it does not enter).
       frozen: the rest of the model (CLIP).
-      batch: ``video`` uint8 [B, L, H, W, 3] and ``label``.
+      batch: ``video`` uint8 [B, L, H, W, 3] and ``label``, and ``frames_clip`` V_P
+        [B, L, D] when the loop caches the frozen CLIP's features.
       base_key: the run's key; the step's dropout key is ``fold_in(base_key, step)``.
       mesh, fsdp_min_size: with a mesh, the new state is laid out as
         ``sharding.tree_shardings`` places it (else the compiler may leave sharded
@@ -72,7 +73,12 @@ def _train_step(
 
     def micro_loss(params, micro, micro_key):
         model = nnx.merge(graphdef, params, state["confounders"], frozen)
-        logits, aux = model(micro["video"], deterministic=False, rngs=nnx.Rngs(dropout=micro_key))
+        logits, aux = model(
+            micro["video"],
+            frames_clip=micro.get("frames_clip"),
+            deterministic=False,
+            rngs=nnx.Rngs(dropout=micro_key),
+        )
         bias = aux["bias"] if has_dictionary else None  # [b, C, D], the dictionary's input
         return loss_fn(logits, micro["label"], kind), bias
 
@@ -124,6 +130,14 @@ def bind_train_step(**static):
     ``accum_steps``, ``mesh``, ``fsdp_min_size``) fixed: ``f(state, frozen, batch,
     base_key)``, whose calls hash nothing."""
     return jax.jit(functools.partial(_train_step, **static), donate_argnames=("state",))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def clip_step(params, frozen, video, confounders=None, *, graphdef):
+    """V_P [B, L, D] of uint8 ``video`` [B, L, H, W, 3], in the CLIP's dtype: the frozen
+    part of the model, for the CLIP feature cache."""
+    model = nnx.merge(graphdef, params, *([] if confounders is None else [confounders]), frozen)
+    return model.clip_features(video)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
