@@ -17,7 +17,9 @@ MFU), and its process's peak memory. The load average is printed before and afte
 
 ``--checkout DIR`` adds our step as another checkout of this repository computes it (this
 worker on that checkout's ``cmdcl_jax``), to measure a change in one interleaved run.
-``--attention`` adds one contender per TimeSformer attention implementation.
+``--attention`` adds one contender per TimeSformer attention implementation;
+``--contenders jax,jax_clip_cache`` adds our step fed the frozen CLIP's features
+(``train.clip_cache``).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ class JaxStep:
 
     library = "jax"
 
-    def __init__(self, preset, seed: int = 0):
+    def __init__(self, preset, seed: int = 0, clip_cache: bool = False):
         import jax
         import optax
         from flax import nnx
@@ -131,6 +133,15 @@ class JaxStep:
         self.state = jax.device_put(state, sharding.tree_shardings(state, self.mesh))
         self.frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, self.mesh))
         self.batch, self.key = preset.batch(seed), jax.random.key(seed)
+        if clip_cache:  # train.clip_cache: V_P computed once, then fed with the batch
+            v_p = steps.clip_step(
+                self.state["params"],
+                self.frozen,
+                jax.device_put(self.batch["video"]),
+                self.state["confounders"],
+                graphdef=graphdef,
+            )
+            self.batch = {**self.batch, "frames_clip": jax.device_get(v_p)}
         statics = dict(graphdef=graphdef, tx=tx, kind="single", accum_steps=1, mesh=self.mesh)
         self.step = _loop_step(steps, statics)
         start = time.perf_counter()
@@ -253,11 +264,13 @@ class TorchStep:
 
 
 def make_step(contender: str, preset):
-    if contender == "jax":
-        return JaxStep(preset)
+    if contender in ("jax", "jax_clip_cache"):
+        return JaxStep(preset, clip_cache=contender == "jax_clip_cache")
     if contender in ("torch_eager", "torch_compile"):
         return TorchStep(preset, compiled=contender == "torch_compile")
-    raise ValueError(f"contender {contender!r} not one of jax, torch_eager, torch_compile")
+    raise ValueError(
+        f"contender {contender!r} not one of jax, jax_clip_cache, torch_eager, torch_compile"
+    )
 
 
 def serve(contender: str, preset_name: str, dtype: str, attention: str) -> None:
