@@ -9,6 +9,7 @@ from synthetic_runs import NUM_TEST, metrics_lines
 
 from cmdcl_jax.data import causal_kitchen, pipeline
 from cmdcl_jax.report.build import make_report
+from cmdcl_jax.report.figure_data import TRAIN_EVAL, training_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A float32 softmax of C or L terms sums to 1 within a few ulps per term (eps 1.2e-7);
@@ -100,3 +101,18 @@ def test_report_draws_every_figure_from_the_run_logs(trained, data_dir, tmp_path
 def is_subsequence(items: list, sequence: list) -> bool:
     rest = iter(sequence)
     return all(item in rest for item in items)
+
+
+def test_curves_keep_the_training_loss_apart_from_evaluations_of_the_training_split():
+    """A run that also evaluates its training split (as `ablate` runs do) logs ``train``
+    lines of two kinds; the loss curve holds the loss lines only."""
+    lines = [
+        {"step": 20, "split": "train", "loss": 2.0, "grad_norm": 1.5},
+        {"step": 40, "split": "train", "loss": 1.0, "grad_norm": 1.0},
+        {"step": 40, "split": "train", "acc1": 0.5, "num_examples": 32},
+        {"step": 40, "split": "val", "acc1": 0.25, "num_examples": 16},
+    ]
+    curves = training_curves(lines)
+    assert curves["train"] == {"step": [20, 40], "loss": [2.0, 1.0], "grad_norm": [1.5, 1.0]}
+    assert curves[TRAIN_EVAL] == {"step": [40], "acc1": [0.5], "num_examples": [32]}
+    assert curves["val"] == {"step": [40], "acc1": [0.25], "num_examples": [16]}

@@ -27,12 +27,19 @@ def _listed(x: np.ndarray) -> list:
     return np.where(np.isnan(x), None, x).tolist()
 
 
+TRAIN_EVAL = "train_eval"  # the curve of evaluations of the training split
+
+
 def training_curves(lines: list[dict]) -> dict:
     """``{split: {"step": [...], metric: [...]}}`` of ``metrics.jsonl``'s lines, in file
-    order: every numeric value of each split (``train`` and each eval split)."""
+    order: every numeric value of each split (``train``: the logged training loss, and each
+    eval split; an evaluation of the training split itself, a ``train`` line without a
+    loss, goes to ``train_eval``)."""
     curves: dict[str, dict[str, list]] = {}
     for line in lines:
         split = line["split"]
+        if split == "train" and "loss" not in line:
+            split = TRAIN_EVAL
         values = {k: v for k, v in line.items() if k not in ("step", "split")}
         curve = curves.setdefault(split, {"step": []})
         curve["step"].append(line["step"])
