@@ -303,6 +303,16 @@ def serve(contender: str, preset_name: str, dtype: str, attention: str) -> None:
             return
 
 
+def _keep_freed_memory() -> None:
+    """As the entry points do before JAX starts (``cmdcl_jax.host_memory``), where the
+    checkout under test has it."""
+    try:
+        from cmdcl_jax import host_memory
+    except ImportError:  # a checkout from before it
+        return
+    host_memory.keep_freed_memory()
+
+
 def _device() -> str:
     import jax
 
@@ -475,6 +485,7 @@ def main(argv) -> None:
         from cmdcl_jax import cli
 
         cli.quiet_logs()
+        _keep_freed_memory()
         serve(_WORKER.value, _PRESET.value, _DTYPE.value, _ATTENTION.value[0])
         return
     root = Path(__file__).resolve().parents[1]

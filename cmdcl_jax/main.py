@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cmdcl_jax.cli import quiet_logs
+from cmdcl_jax.host_memory import keep_freed_memory
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/synthetic.py", "Run config file.", lock_config=True
@@ -34,6 +35,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 def main(argv):
     del argv
     quiet_logs()
+    keep_freed_memory()  # before JAX starts its backend
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
