@@ -16,8 +16,15 @@ from flax import nnx
 
 Array = jax.Array
 
+def _gelu(x: Array) -> Array:
+    """Exact GELU, x * Phi(x), written with erf as PyTorch computes it: XLA's CPU erf is one
+    polynomial, where ``jax.nn.gelu``'s erfc takes exponentials and selects (measured: 0.36
+    against 0.68 ms for [2048, 512] float32 on 2 cores); the two differ by under 1e-6."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (2**-0.5)))
+
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": _gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
