@@ -23,9 +23,9 @@ from absl import app, flags
 from flax import nnx
 
 from cmdcl_jax.cli import quiet_logs
-from cmdcl_jax.host_memory import keep_freed_memory
 from cmdcl_jax.data import video as video_lib
 from cmdcl_jax.data.transforms import EvalTransform
+from cmdcl_jax.host_memory import keep_freed_memory
 from cmdcl_jax.train.trained_model import load_model
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (holds run.json).", required=True)

@@ -39,8 +39,8 @@ from ml_collections import config_flags
 
 from cmdcl_jax import atomic
 from cmdcl_jax.cli import quiet_logs
-from cmdcl_jax.host_memory import keep_freed_memory
 from cmdcl_jax.data import builders, causal_kitchen, video
+from cmdcl_jax.host_memory import keep_freed_memory
 from cmdcl_jax.models.clip import Clip
 from cmdcl_jax.models.cmdcl import CMDCLConfig
 from cmdcl_jax.models.layers import normalize

@@ -16,6 +16,7 @@ from flax import nnx
 
 Array = jax.Array
 
+
 def _gelu(x: Array) -> Array:
     """Exact GELU, x * Phi(x), written with erf as PyTorch computes it: XLA's CPU erf is one
     polynomial, where ``jax.nn.gelu``'s erfc takes exponentials and selects (measured: 0.36
