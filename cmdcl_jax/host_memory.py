@@ -1,14 +1,19 @@
-"""Keeps freed host memory in the process, so XLA's per-call buffers are not faulted in anew.
+"""Keeps XLA's per-call scratch memory mapped on the CPU, so it is not faulted in anew.
 
 On the CPU, XLA allocates each call's scratch buffer with ``malloc`` and frees it when the
-call ends (195 MB for the ``small`` preset's training step). glibc serves a block that
-large with a fresh ``mmap`` and unmaps it on ``free``, so every step touches the whole
-buffer again through page faults, 4 KB each: about 50,000 per ``small`` step, a fifth of
-its time (BENCHMARKS.md). :func:`keep_freed_memory` tells glibc to take such blocks from
-its heap and keep them there once freed, so the next step reuses the same pages.
+call ends (195 MB for the ``small`` preset's training step). JAX runs a single-device call
+on one of its own threads, whose glibc ``malloc`` arena serves a block that large with a
+fresh ``mmap`` and unmaps it on ``free``, so every step touches the whole buffer again
+through page faults, 4 KB each: about 50,000 per ``small`` step, a fifth of its time
+(BENCHMARKS.md). :func:`keep_freed_memory` runs single-device CPU calls on the calling
+thread instead (``jax_cpu_enable_async_dispatch=False``), whose main arena grows by
+``brk``, and tells glibc to serve large blocks from it and not to trim it, so the next
+call reuses the same pages.
 
-The cost: memory freed by the process is not returned to the system until it exits (its
-resident size stays at its peak), and all threads share one ``malloc`` arena.
+Measured: no larger peak resident size; the Python loop no longer overlaps the next
+call's dispatch with the running one (a few percent of the ``tiny`` step). Calls over
+several devices still run on JAX's threads and keep the page faults. Capping malloc at one
+arena also keeps them away, but made the ``tiny`` step 1.5x slower (lock contention).
 """
 
 from __future__ import annotations
@@ -21,19 +26,20 @@ import sys
 # mallopt(3) parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1  # free heap top above this many bytes goes back to the system
 _M_MMAP_MAX = -4  # at most this many blocks served by mmap; 0: none
-_M_ARENA_MAX = -8  # at most this many arenas; blocks of other arenas' threads are mmapped
 
 
 def keep_freed_memory() -> bool:
-    """Sets glibc's ``malloc`` to serve large blocks from one heap that it never trims.
+    """Runs single-device CPU calls inline and keeps freed ``malloc`` blocks in the heap.
 
     Call it before JAX starts its backend (the first computation or ``jax.devices()``):
-    threads that have already allocated keep their own arenas, whose large blocks glibc
-    still maps and unmaps per call. Returns False, changing nothing, where the C library is
-    not glibc (macOS, musl).
+    the dispatch setting is read when the CPU client is made. Returns False, changing
+    nothing, where the C library is not glibc (macOS, musl).
     """
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
