@@ -19,7 +19,8 @@ MFU), and its process's peak memory. The load average is printed before and afte
 worker on that checkout's ``cmdcl_jax``), to measure a change in one interleaved run.
 ``--attention`` adds one contender per TimeSformer attention implementation;
 ``--contenders jax,jax_clip_cache`` adds our step fed the frozen CLIP's features
-(``train.clip_cache``).
+(``train.clip_cache``); ``jax_reuse_scratch``, our step in a process started as
+``main.py --reuse_cpu_scratch`` starts (``cmdcl_jax.host_memory``).
 """
 
 from __future__ import annotations
@@ -264,12 +265,13 @@ class TorchStep:
 
 
 def make_step(contender: str, preset):
-    if contender in ("jax", "jax_clip_cache"):
+    if contender in ("jax", "jax_clip_cache", "jax_reuse_scratch"):
         return JaxStep(preset, clip_cache=contender == "jax_clip_cache")
     if contender in ("torch_eager", "torch_compile"):
         return TorchStep(preset, compiled=contender == "torch_compile")
     raise ValueError(
-        f"contender {contender!r} not one of jax, jax_clip_cache, torch_eager, torch_compile"
+        f"contender {contender!r} not one of jax, jax_clip_cache, jax_reuse_scratch, "
+        "torch_eager, torch_compile"
     )
 
 
@@ -301,16 +303,6 @@ def serve(contender: str, preset_name: str, dtype: str, attention: str) -> None:
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
             _reply(peak_rss=rss, peak_device=step.peak_memory(), gpu=step.gpu, device=_device())
             return
-
-
-def _keep_freed_memory() -> None:
-    """As the entry points do before JAX starts (``cmdcl_jax.host_memory``), where the
-    checkout under test has it."""
-    try:
-        from cmdcl_jax import host_memory
-    except ImportError:  # a checkout from before it
-        return
-    host_memory.keep_freed_memory()
 
 
 def _device() -> str:
@@ -485,7 +477,10 @@ def main(argv) -> None:
         from cmdcl_jax import cli
 
         cli.quiet_logs()
-        _keep_freed_memory()
+        if _WORKER.value == "jax_reuse_scratch":  # as main.py does before JAX starts
+            from cmdcl_jax import host_memory
+
+            host_memory.reuse_cpu_scratch()
         serve(_WORKER.value, _PRESET.value, _DTYPE.value, _ATTENTION.value[0])
         return
     root = Path(__file__).resolve().parents[1]

@@ -41,7 +41,6 @@ from ml_collections import config_flags
 from cmdcl_jax import ablation_table as table
 from cmdcl_jax import atomic
 from cmdcl_jax.cli import quiet_logs
-from cmdcl_jax.host_memory import keep_freed_memory
 
 VLMS = ("random", "pretrained")
 # Fields each run gets from the ablation itself; --set may not change them.
@@ -264,7 +263,6 @@ def define_flags() -> None:
 def main(argv):
     del argv
     quiet_logs()
-    keep_freed_memory()  # before JAX starts its backend
     f = flags.FLAGS
     check_options(f.config, f.variants, f.vlm, f.set)
     root = Path(f.workdir)

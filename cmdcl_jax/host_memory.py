@@ -1,19 +1,20 @@
-"""Keeps XLA's per-call scratch memory mapped on the CPU, so it is not faulted in anew.
+"""``--reuse_cpu_scratch``: keeps XLA's per-call scratch memory mapped on the CPU.
 
 On the CPU, XLA allocates each call's scratch buffer with ``malloc`` and frees it when the
-call ends (195 MB for the ``small`` preset's training step). JAX runs a single-device call
-on one of its own threads, whose glibc ``malloc`` arena serves a block that large with a
-fresh ``mmap`` and unmaps it on ``free``, so every step touches the whole buffer again
-through page faults, 4 KB each: about 50,000 per ``small`` step, a fifth of its time
-(BENCHMARKS.md). :func:`keep_freed_memory` runs single-device CPU calls on the calling
-thread instead (``jax_cpu_enable_async_dispatch=False``), whose main arena grows by
-``brk``, and tells glibc to serve large blocks from it and not to trim it, so the next
-call reuses the same pages.
+call ends (195 MB for the ``small`` benchmark preset's training step). JAX runs a call on
+one of its own threads, whose glibc ``malloc`` serves a block over 32 MB with a fresh
+``mmap`` and unmaps it on ``free``, so every step touches the whole buffer again
+through page faults, 4 KB each: about 50,000 per ``small`` step. :func:`reuse_cpu_scratch`
+runs single-device CPU calls on the calling thread instead
+(``jax_cpu_enable_async_dispatch=False``), whose main arena grows by ``brk``, and tells
+glibc to serve large blocks from it and not to trim it, so the next call reuses the pages.
 
-Measured: no larger peak resident size; the Python loop no longer overlaps the next
-call's dispatch with the running one (a few percent of the ``tiny`` step). Calls over
-several devices still run on JAX's threads and keep the page faults. Capping malloc at one
-arena also keeps them away, but made the ``tiny`` step 1.5x slower (lock contention).
+Measured (BENCHMARKS.md, one interleaved run of 12 rounds): the ``small`` step 1.25x
+faster, the ``tiny`` quickstart step 1.14x slower, as the Python dispatch of the next step
+no longer overlaps the running one; a model whose scratch fits under 32 MB has no faults to
+spare. Hence off by default. Peak resident memory unchanged. Calls over several devices
+still run on JAX's threads. Capping ``malloc`` at one arena spares the faults as well but
+made the ``tiny`` step 1.5x slower (lock contention).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _M_TRIM_THRESHOLD = -1  # free heap top above this many bytes goes back to the s
 _M_MMAP_MAX = -4  # at most this many blocks served by mmap; 0: none
 
 
-def keep_freed_memory() -> bool:
+def reuse_cpu_scratch() -> bool:
     """Runs single-device CPU calls inline and keeps freed ``malloc`` blocks in the heap.
 
     Call it before JAX starts its backend (the first computation or ``jax.devices()``):

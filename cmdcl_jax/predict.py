@@ -25,7 +25,6 @@ from flax import nnx
 from cmdcl_jax.cli import quiet_logs
 from cmdcl_jax.data import video as video_lib
 from cmdcl_jax.data.transforms import EvalTransform
-from cmdcl_jax.host_memory import keep_freed_memory
 from cmdcl_jax.train.trained_model import load_model
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (holds run.json).", required=True)
@@ -61,7 +60,6 @@ def predict(model: nnx.Module, run: dict, paths: list[str], top_k: int) -> Itera
 
 def main(argv):
     quiet_logs()
-    keep_freed_memory()  # before JAX starts its backend
     paths = argv[1:]
     if not paths:
         raise app.UsageError("give one or more video files")

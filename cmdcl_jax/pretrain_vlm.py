@@ -40,7 +40,6 @@ from ml_collections import config_flags
 from cmdcl_jax import atomic
 from cmdcl_jax.cli import quiet_logs
 from cmdcl_jax.data import builders, causal_kitchen, video
-from cmdcl_jax.host_memory import keep_freed_memory
 from cmdcl_jax.models.clip import Clip
 from cmdcl_jax.models.cmdcl import CMDCLConfig
 from cmdcl_jax.models.layers import normalize
@@ -289,7 +288,6 @@ def zero_shot(clip: Clip, tokenizer, spec, template: str, size: int, config) -> 
 def main(argv):
     del argv
     quiet_logs()
-    keep_freed_memory()  # before JAX starts its backend
     directory = ensure_pretrained_vlm(flags.FLAGS.config, flags.FLAGS.out)
     results = json.loads((directory / RESULTS).read_text())
     print(json.dumps({"directory": str(directory.absolute()), **results["zero_shot"]}, indent=2))

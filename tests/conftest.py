@@ -1,6 +1,5 @@
 """Test set-up: 8 host CPU devices, so that sharding is exercised without accelerators;
-freed host memory kept (``cmdcl_jax.host_memory``); the synthetic run that the training
-tests share."""
+the synthetic run that the training tests share."""
 
 import os
 
@@ -8,10 +7,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
-
-from cmdcl_jax.host_memory import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()  # as the entry points do, before JAX starts its backend
 
 import pytest  # noqa: E402 - after the environment that JAX reads
 from absl import flags  # noqa: E402

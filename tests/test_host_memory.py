@@ -1,5 +1,5 @@
-"""The entry points keep freed host memory, so a jitted call's scratch buffer is not
-faulted in again at every call."""
+"""``--reuse_cpu_scratch``: a jitted call's scratch buffer is not faulted in again at
+every call."""
 
 import json
 import os
@@ -17,7 +17,7 @@ import json, resource, sys
 
 from cmdcl_jax import host_memory
 
-kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else None
+kept = host_memory.reuse_cpu_scratch() if sys.argv[1] == "keep" else None
 import jax
 import jax.numpy as jnp
 
@@ -40,11 +40,11 @@ def _faults_per_call(mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_kept_memory_spares_the_page_faults_of_every_call():
+def test_reused_scratch_spares_the_page_faults_of_every_call():
     plain = _faults_per_call("plain")
     kept = _faults_per_call("keep")
     if not kept["kept"]:  # not glibc: nothing was changed, nothing to compare
-        assert host_memory.keep_freed_memory() is False
+        assert host_memory.reuse_cpu_scratch() is False
         return
     # Plain glibc maps the 64 MiB scratch anew per call: 16,384 pages of 4 KiB faulted in
     # (fewer with transparent huge pages, which are off for malloc by default).

@@ -20,7 +20,6 @@ from pathlib import Path
 from absl import app, flags
 
 from cmdcl_jax.cli import quiet_logs
-from cmdcl_jax.host_memory import keep_freed_memory
 from cmdcl_jax.report.build import make_report
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (holds run.json).", required=True)
@@ -36,7 +35,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_logs()
-    keep_freed_memory()  # before JAX starts its backend
     workdir = Path(_WORKDIR.value)
     out = Path(_OUT.value) if _OUT.value else workdir / "report"
     compare = Path(_COMPARE.value) if _COMPARE.value else None
