@@ -1,10 +1,10 @@
 """``--reuse_cpu_scratch``: keeps XLA's per-call scratch memory mapped on the CPU.
 
 On the CPU, XLA allocates each call's scratch buffer with ``malloc`` and frees it when the
-call ends (195 MB for the ``small`` benchmark preset's training step). JAX runs a call on
+call ends (~190 MB for the ``small`` benchmark preset's training step). JAX runs a call on
 one of its own threads, whose glibc ``malloc`` serves a block over 32 MB with a fresh
 ``mmap`` and unmaps it on ``free``, so every step touches the whole buffer again
-through page faults, 4 KB each: about 50,000 per ``small`` step. :func:`reuse_cpu_scratch`
+through page faults, 4 KB each: 47,260 per ``small`` step. :func:`reuse_cpu_scratch`
 runs single-device CPU calls on the calling thread instead
 (``jax_cpu_enable_async_dispatch=False``), whose main arena grows by ``brk``, and tells
 glibc to serve large blocks from it and not to trim it, so the next call reuses the pages.
