@@ -17,7 +17,8 @@ MFU), and its process's peak memory. The load average is printed before and afte
 
 ``--checkout DIR`` adds our step as another checkout of this repository computes it (this
 worker on that checkout's ``cmdcl_jax``), to measure a change in one interleaved run.
-``--attention`` adds one contender per TimeSformer attention implementation;
+``--attention`` adds one contender per TimeSformer attention implementation (for each of
+our contenders);
 ``--contenders jax,jax_clip_cache`` adds our step fed the frozen CLIP's features
 (``train.clip_cache``); ``jax_reuse_scratch``, our step in a process started as
 ``main.py --reuse_cpu_scratch`` starts (``cmdcl_jax.host_memory``).
@@ -144,18 +145,15 @@ class JaxStep:
             )
             self.batch = {**self.batch, "frames_clip": jax.device_get(v_p)}
         statics = dict(graphdef=graphdef, tx=tx, kind="single", accum_steps=1, mesh=self.mesh)
-        self.step = _loop_step(steps, statics)
+        self.step, self.state = _loop_step(steps, self.state, self.frozen, statics)
         start = time.perf_counter()
-        if hasattr(self.step, "lower"):
-            compiled = self.step.lower(*self._args()).compile()
-        else:
-            compiled = steps.train_step.lower(*self._args(), **statics).compile()
+        compiled = self.step.lower(*self._args()).compile()
         self.compile_s = time.perf_counter() - start
         self.flops = _cost(compiled.cost_analysis(), "flops")
 
     def _args(self):
         placed = self.sharding.place_batch(self.batch, self.mesh)
-        return self.state, self.frozen, placed, self.key
+        return self.state, placed, self.key
 
     def run(self, n: int) -> float:
         """Seconds per step over ``n`` steps."""
@@ -165,20 +163,36 @@ class JaxStep:
         self.jax.block_until_ready((self.state, metrics))
         return (time.perf_counter() - start) / n
 
+    def pick_threads(self) -> None:
+        """XLA's thread pool is fixed when the backend starts: nothing to pick."""
+
     def peak_memory(self) -> int | None:
         if not self.gpu:
             return None
         return self.jax.devices()[0].memory_stats().get("peak_bytes_in_use")
 
 
-def _loop_step(steps, statics: dict):
-    """The step as the training loop of the checkout under test calls it (a checkout
-    from before ``bind_train_step`` calls ``train_step`` with its static arguments)."""
-    import functools
+def _loop_step(steps, state, frozen, statics: dict):
+    """(step, what it carries): the step as the training loop of the checkout under test
+    calls it, ``step(carried, batch, key) -> (carried, metrics)``; a checkout from before
+    ``BoundTrainStep`` carries the state tree and passes the frozen model at each call."""
+    if hasattr(steps, "BoundTrainStep"):
+        bound = steps.BoundTrainStep(state, frozen, **statics)
+        return bound, bound.leaves(state)
+    return _TreeStep(steps.bind_train_step(**statics), frozen), state
 
-    if hasattr(steps, "bind_train_step"):
-        return steps.bind_train_step(**statics)
-    return functools.partial(steps.train_step, **statics)
+
+class _TreeStep:
+    """``bind_train_step``'s function with the frozen model bound."""
+
+    def __init__(self, jitted, frozen):
+        self.jitted, self.frozen = jitted, frozen
+
+    def __call__(self, state, batch, key):
+        return self.jitted(state, self.frozen, batch, key)
+
+    def lower(self, state, batch, key):
+        return self.jitted.lower(state, self.frozen, batch, key)
 
 
 def _cost(analysis, key: str) -> float | None:
@@ -217,22 +231,23 @@ class TorchStep:
         batch = preset.batch(seed)
         self.video = torch.from_numpy(batch["video"])
         self.label = torch.from_numpy(batch["label"]).long()
-        self.loss_fn = loss_fn
-        self.threads = None if self.gpu else self._fastest_threads()
         self.loss_fn = torch.compile(loss_fn) if compiled else loss_fn
         start = time.perf_counter()
         self.run(1)  # compiles, when compiled
         self.compile_s = time.perf_counter() - start
         self.flops = None
 
-    def _fastest_threads(self) -> int:
-        """Sets and returns the faster of 1 and all intra-op threads for eager steps.
+    def pick_threads(self) -> int | None:
+        """Sets and returns the faster of 1 and all intra-op threads (None on a GPU).
 
         On a loaded machine, torch's OpenMP threads wait for each other at every op (the
         tiny step runs 5-10x slower on 2 threads than on 1 at load average 6); one thread
-        then wins, and the twin is timed at its best.
+        then wins, and the twin is timed at its best. Asked once every contender is ready,
+        one worker at a time, so the others' compilation does not pick for it.
         """
         torch = self.torch
+        if self.gpu:
+            return None
         candidates = sorted({1, torch.get_num_threads()})
         if self.run(1) > 2.0:  # a large step: all threads, and no time spent trying
             return torch.get_num_threads()
@@ -288,7 +303,6 @@ def serve(contender: str, preset_name: str, dtype: str, attention: str) -> None:
         ready=True,
         flops=step.flops,
         compile_s=step.compile_s,
-        threads=getattr(step, "threads", None),
         batch_size=p.batch_size,
         frames=p.num_frames,
         frame_size=p.frame_size,
@@ -297,6 +311,8 @@ def serve(contender: str, preset_name: str, dtype: str, attention: str) -> None:
         cmd = json.loads(line)
         if cmd["cmd"] == "steps":
             _reply(seconds=step.run(cmd["n"]))
+        elif cmd["cmd"] == "threads":
+            _reply(threads=step.pick_threads())
         elif cmd["cmd"] == "matmul":
             _reply(flops_per_s=matmul_rate(step.library, dtype, step.gpu))
         elif cmd["cmd"] == "quit":
@@ -347,10 +363,10 @@ def contenders(root: Path) -> list[tuple[str, Path, list[str]]]:
     """(name, checkout whose ``cmdcl_jax`` it imports, worker flags) of every contender."""
     out = []
     for c in _CONTENDERS.value:
-        if c == "jax":
+        if c.startswith("jax"):
             for attention in _ATTENTION.value:
-                name = "jax" if attention == "default" else f"jax[{attention}]"
-                out.append((name, root, ["--worker", "jax", "--attention", attention]))
+                name = c if attention == "default" else f"{c}[{attention}]"
+                out.append((name, root, ["--worker", c, "--attention", attention]))
         else:
             out.append((c, root, ["--worker", c]))
     for checkout in _CHECKOUT.value:
@@ -374,6 +390,8 @@ def bench_preset(name: str, root: Path, logs: Path) -> dict:
     for w in workers:
         info[w.name] = w.ask()
         print(f"  {w.name} ready, compiled in {info[w.name]['compile_s']:.1f} s", flush=True)
+    for w in workers:  # one at a time, the others idle
+        info[w.name]["threads"] = w.ask(cmd="threads")["threads"]
     times = {w.name: [] for w in workers}
     matmul = {w.name: [] for w in workers}
     for r in range(rounds):

@@ -248,6 +248,42 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     assert_same_step(initial, *results[0], *results[1])
 
 
+def test_the_loops_step_on_flat_leaves_computes_train_step_bitwise(data_dir, tmp_path):
+    """:class:`steps.BoundTrainStep` (the training loop's step, on the state's leaves)
+    computes what ``train_step`` computes on the state tree, bit for bit, two steps running
+    (TCI's dictionary, rebuilt inside the step, included), and rebuilds the tree."""
+    config = synthetic(
+        data_dir,
+        **{"train.batch_size": 8, "model.tci_mode": "dictionary", "model.num_confounders": 4},
+    )
+    run = build(config, tmp_path)
+    loader = iter(setup.make_loader(config, run.task, split="train", training=True))
+    static = dict(
+        graphdef=run.graphdef,
+        tx=run.tx,
+        kind=run.task.kind,
+        accum_steps=1,
+        mesh=run.mesh,
+        fsdp_min_size=config.mesh.fsdp_min_size,
+    )
+    tree = jax.tree.map(lambda x: x.copy(), run.state)
+    bound = steps.BoundTrainStep(run.state, run.frozen, **static)
+    leaves = bound.leaves(run.state)
+    for _ in range(2):
+        batch = next(loader)
+        placed = sharding.place_batch({"video": batch["video"], "label": batch["label"]}, run.mesh)
+        tree, tree_metrics = steps.train_step(tree, run.frozen, placed, jax.random.key(0), **static)
+        leaves, leaf_metrics = bound(leaves, placed, jax.random.key(0))
+        assert jax.device_get(leaf_metrics) == jax.device_get(tree_metrics)
+    state = bound.state(leaves)
+    assert jax.tree.structure(state) == jax.tree.structure(tree)
+    assert int(state["step"]) == 2
+    pairs = list(zip(*map(jax.tree.leaves, jax.device_get((tree, state))), strict=True))
+    assert len(pairs) == len(leaves)
+    assert all(np.array_equal(a, b) for a, b in pairs)
+    assert np.abs(jax.device_get(state["confounders"]["confounders"]["prototypes"][...])).max() > 0
+
+
 def test_classes_that_do_not_match_the_data_stop_the_run(data_dir):
     with pytest.raises(ValueError, match=r"num_classes=10 but causal_kitchen/activity .* 8"):
         setup.prepare_task(synthetic(data_dir, **{"dataset.num_classes": 10}))

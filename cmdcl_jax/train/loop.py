@@ -24,7 +24,7 @@ from cmdcl_jax.train.checkpoints import Checkpoints
 from cmdcl_jax.train.clip_cache import clip_features
 from cmdcl_jax.train.evaluation import evaluate_splits
 from cmdcl_jax.train.lock import hold_workdir
-from cmdcl_jax.train.steps import bind_train_step
+from cmdcl_jax.train.steps import BoundTrainStep
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: Path, *, training: bool):
@@ -121,7 +121,9 @@ def _train_loop(
     )
     tick, tick_step = time.time(), step
     first_split = config.dataset.eval_splits[0]
-    train_step = bind_train_step(
+    train_step = BoundTrainStep(
+        run.state,
+        run.frozen,
         graphdef=run.graphdef,
         tx=run.tx,
         kind=run.task.kind,
@@ -158,6 +160,7 @@ def _train_loop(
         return results
 
     results: dict = {}
+    leaves = train_step.leaves(run.state)  # run.state is rebuilt from them to save or evaluate
     try:
         while step < run.num_steps:
             batch = next(train_iter)
@@ -165,17 +168,21 @@ def _train_loop(
             if clip_cache is not None:
                 fields["frames_clip"] = clip_cache[batch["index"]]  # [B_local, L, D]
             placed = sharding.place_batch(fields, run.mesh)
-            run.state, m = train_step(run.state, run.frozen, placed, base_key)
+            leaves, m = train_step(leaves, placed, base_key)
             step += 1
             bar.update(1)
             pending.append((step, m))
             last = step == run.num_steps
+            save = last or step % config.checkpoint.every_steps == 0
+            evaluate = last or (config.eval.every_steps > 0 and step % config.eval.every_steps == 0)
+            if save or evaluate:
+                run.state = train_step.state(leaves)
             if step % config.log_every == 0 or last:
                 flush()
-            if last or step % config.checkpoint.every_steps == 0:
+            if save:
                 flush()  # never save after a non-finite step
                 checkpoints.save(step, run.state, record)
-            if last or (config.eval.every_steps > 0 and step % config.eval.every_steps == 0):
+            if evaluate:
                 results = evaluate_and_log()
         if not results:  # the run was already complete: report its evaluation again
             if step in checkpoints.scores:
