@@ -9,11 +9,12 @@ runs single-device CPU calls on the calling thread instead
 (``jax_cpu_enable_async_dispatch=False``), whose main arena grows by ``brk``, and tells
 glibc to serve large blocks from it and not to trim it, so the next call reuses the pages.
 
-Measured (BENCHMARKS.md, interleaved runs of 8 and 12 rounds): the ``small`` step
-1.22-1.25x faster, the ``tiny`` quickstart step 1.14x slower, as the Python dispatch of the
-next step no longer overlaps the running one; a model whose scratch stays under 32 MB has
-no faults to spare. Hence off by default. Peak resident size within 11 % of the default's
-(higher in one run, lower in another). Calls over several devices still run on JAX's
+Measured (BENCHMARKS.md, interleaved runs of 8 and 12 rounds, two 2-core machines): the
+``small`` step 1.22-1.25x faster on a Zen 4 CPU and 1.34-1.45x on a Zen 5 one, the
+``tiny`` quickstart step 1.08-1.18x slower, as the next step's dispatch no longer overlaps
+the running one; a model whose scratch stays under 32 MB has no faults to spare. Hence off
+by default. Peak resident size within 11 % of the default's (higher in one run, lower in
+another). Calls over several devices still run on JAX's
 threads. Capping ``malloc`` at one arena spares the faults as well but made the ``tiny``
 step 1.5x slower (lock contention).
 """

@@ -34,8 +34,8 @@ _REUSE_CPU_SCRATCH = flags.DEFINE_bool(
     "reuse_cpu_scratch",
     False,
     "CPU: run each step on the calling thread and keep its scratch memory mapped "
-    "(cmdcl_jax.host_memory): 1.2x faster at the small benchmark preset, 1.14x slower at "
-    "the tiny quickstart model.",
+    "(cmdcl_jax.host_memory): 1.2-1.45x faster at the small benchmark preset, up to 1.18x "
+    "slower at the tiny quickstart model.",
 )
 
 
