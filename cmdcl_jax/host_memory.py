@@ -14,9 +14,9 @@ Measured (BENCHMARKS.md, interleaved runs of 8 and 12 rounds, two 2-core machine
 ``tiny`` quickstart step 1.08-1.18x slower, as the next step's dispatch no longer overlaps
 the running one; a model whose scratch stays under 32 MB has no faults to spare. Hence off
 by default. Peak resident size within 11 % of the default's (higher in one run, lower in
-another). Calls over several devices still run on JAX's
-threads. Capping ``malloc`` at one arena spares the faults as well but made the ``tiny``
-step 1.5x slower (lock contention).
+another). Calls over several devices still run on JAX's threads. Capping ``malloc`` at
+one arena spares the faults as well but made the ``tiny`` step 1.5x slower (lock
+contention).
 """
 
 from __future__ import annotations
