@@ -131,9 +131,9 @@ class BoundTrainStep:
     The state and the frozen model are trees of ``nnx.Variable``, which JAX flattens and
     rebuilds in Python at every call: ~850 Variables flattened and ~590 rebuilt per step
     at the ``small`` benchmark preset; a call took 5.3 ms of Python that way, 1.3 ms on
-    the leaves (BENCHMARKS.md). The training loop holds
-    the state as this object's flat list of arrays instead (a list flattens in C++) and
-    rebuilds the tree only to save or evaluate it.
+    the leaves (BENCHMARKS.md). The training loop holds the state as this object's flat
+    list of arrays instead (a list flattens in C++) and rebuilds the tree only to save or
+    evaluate it.
 
     Args:
       state: the step's state (:func:`initial_state`'s tree), for its structure.
