@@ -15,13 +15,15 @@ MFU), and its process's peak memory. The load average is printed before and afte
   python benchmarks/train_step.py --presets small --attention default,explicit
   python benchmarks/train_step.py --presets base --dtype bfloat16 --attention cudnn,xla
 
-``--checkout DIR`` adds our step as another checkout of this repository computes it (this
-worker on that checkout's ``cmdcl_jax``), to measure a change in one interleaved run.
+``--checkout DIR`` adds each of our contenders as another checkout of this repository
+computes it (this worker on that checkout's ``cmdcl_jax``), to measure a change in one
+interleaved run.
 ``--attention`` adds one contender per TimeSformer attention implementation (for each of
 our contenders);
 ``--contenders jax,jax_clip_cache`` adds our step fed the frozen CLIP's features
-(``train.clip_cache``); ``jax_reuse_scratch``, our step in a process started as
-``main.py --reuse_cpu_scratch`` starts (``cmdcl_jax.host_memory``).
+(``train.clip_cache``); ``jax_reuse_scratch``, our step in a process set up as ``main.py``
+sets it up on a CPU by default (``--reuse_cpu_scratch``, ``cmdcl_jax.host_memory``);
+``jax`` is a process with JAX's own dispatch (``--noreuse_cpu_scratch``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ _CONTENDERS = flags.DEFINE_list(
     "contenders", ["jax", "torch_eager", "torch_compile"], "Who runs the step."
 )
 _CHECKOUT = flags.DEFINE_multi_string(
-    "checkout", [], "Another checkout whose step joins the contenders as jax@<dir name>."
+    "checkout",
+    [],
+    "Another checkout whose steps join the contenders as <our contender>@<dir name>.",
 )
 _ROUNDS = flags.DEFINE_integer("rounds", 0, "Rounds (0: 8 per preset, 3 for base).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Steps per contender per round (0: per preset).")
@@ -371,7 +375,9 @@ def contenders(root: Path) -> list[tuple[str, Path, list[str]]]:
             out.append((c, root, ["--worker", c]))
     for checkout in _CHECKOUT.value:
         path = Path(checkout).resolve()
-        out.append((f"jax@{path.name}", path, ["--worker", "jax"]))
+        for c in _CONTENDERS.value:
+            if c.startswith("jax"):
+                out.append((f"{c}@{path.name}", path, ["--worker", c]))
     return out
 
 
@@ -495,7 +501,7 @@ def main(argv) -> None:
         from cmdcl_jax import cli
 
         cli.quiet_logs()
-        if _WORKER.value == "jax_reuse_scratch":  # as main.py does before JAX starts
+        if _WORKER.value == "jax_reuse_scratch":  # as main.py does on a CPU
             from cmdcl_jax import host_memory
 
             host_memory.reuse_cpu_scratch()

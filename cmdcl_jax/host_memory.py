@@ -11,12 +11,15 @@ glibc to serve large blocks from it and not to trim it, so the next call reuses 
 
 Measured (BENCHMARKS.md, interleaved runs of 8 and 12 rounds, two 2-core machines): the
 ``small`` step 1.22-1.25x faster on a Zen 4 CPU and 1.34-1.45x on a Zen 5 one, the
-``tiny`` quickstart step 1.08-1.18x slower, as the next step's dispatch no longer overlaps
-the running one; a model whose scratch stays under 32 MB has no faults to spare. Hence off
-by default. Peak resident size within 11 % of the default's (higher in one run, lower in
-another). Calls over several devices still run on JAX's threads. Capping ``malloc`` at
-one arena spares the faults as well but made the ``tiny`` step 1.5x slower (lock
-contention).
+``tiny`` step alone 1.08-1.18x slower, as the next step's dispatch no longer overlaps the
+running one (a model whose scratch stays under 32 MB has no faults to spare); the whole
+quickstart, bound by its input pipeline, within noise (84-92 s against 89 s). Hence on
+by default in ``main`` when the backend is the CPU (``--noreuse_cpu_scratch`` turns it
+off): :func:`run_cpu_calls_inline` before the backend starts, :func:`keep_freed_blocks`
+once it is known to be the CPU, so a GPU host's ``malloc`` is left as it is. Peak
+resident size within 11 % of the default's (higher in one run, lower in another). Calls
+over several devices still run on JAX's threads. Capping ``malloc`` at one arena spares
+the faults as well but made the ``tiny`` step 1.5x slower (lock contention).
 """
 
 from __future__ import annotations
@@ -32,17 +35,33 @@ _M_MMAP_MAX = -4  # at most this many blocks served by mmap; 0: none
 
 
 def reuse_cpu_scratch() -> bool:
-    """Runs single-device CPU calls inline and keeps freed ``malloc`` blocks in the heap.
+    """:func:`run_cpu_calls_inline`, then :func:`keep_freed_blocks`: call it before JAX
+    starts its backend. Returns False, changing nothing, where the C library is not glibc."""
+    return run_cpu_calls_inline() and keep_freed_blocks()
 
-    Call it before JAX starts its backend (the first computation or ``jax.devices()``):
-    the dispatch setting is read when the CPU client is made. Returns False, changing
-    nothing, where the C library is not glibc (macOS, musl).
-    """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+
+def run_cpu_calls_inline() -> bool:
+    """Runs single-device CPU calls on the calling thread, where glibc can then keep their
+    scratch (else returns False, changing nothing). Call it before JAX starts its backend
+    (the first computation or ``jax.devices()``): the setting is read when the CPU client
+    is made. No effect on GPU or TPU calls."""
+    if not _glibc():
         return False
     import jax
 
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
+
+
+def keep_freed_blocks() -> bool:
+    """Tells glibc to serve large blocks from the heap and not to trim it (at any time).
+    Returns False, changing nothing, where the C library is not glibc (macOS, musl)."""
+    if not _glibc():
+        return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def _glibc() -> bool:
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
