@@ -5,8 +5,9 @@ others, then two steps run) that runs ``--steps`` training steps when asked; the
 contenders take turns, one at a time (the order rotates every round), for ``--rounds``
 rounds, so a machine shared with other work slows them alike.
 Reported per contender: the median ms/step and clips/s, the median over rounds of its
-time over ours in the same round, achieved FLOP/s (FLOPs per step from XLA's cost
-analysis of our step, the same model on both sides) against the fastest of a large
+time over ours in the same round, achieved FLOP/s (the matmul FLOPs of our step counted
+from its jaxpr by ``flops.py``, the same model on both sides; XLA's cost analysis, which
+misses the library calls of a GPU, is printed beside) against the fastest of a large
 matmul measured by each library in the same rounds (on a GPU, against the card's peak:
 MFU), and its process's peak memory. The load average is printed before and after.
 
@@ -62,6 +63,9 @@ _ATTENTION = flags.DEFINE_list(
 )
 _FRAMES = flags.DEFINE_integer("frames", 0, "Clip length L (0: the preset's).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Batch B (0: the preset's).")
+_REMAT = flags.DEFINE_bool(
+    "remat", False, "Our TimeSformer blocks rematerialised (model.remat; the twin ignores it)."
+)
 _OUT = flags.DEFINE_string("out", "", "Also write the results here as JSON.")
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run as this contender's process.")
 _PRESET = flags.DEFINE_string("preset", "", "Internal: the worker's preset.")
@@ -122,6 +126,7 @@ class JaxStep:
         import jax
         import optax
         from flax import nnx
+        from flops import matmul_flops
 
         from cmdcl_jax import sharding
         from cmdcl_jax.models.cmdcl import CONFOUNDERS, TRAINABLE
@@ -150,10 +155,11 @@ class JaxStep:
             self.batch = {**self.batch, "frames_clip": jax.device_get(v_p)}
         statics = dict(graphdef=graphdef, tx=tx, kind="single", accum_steps=1, mesh=self.mesh)
         self.step, self.state = _loop_step(steps, self.state, self.frozen, statics)
+        self.flops = matmul_flops(self.step, *self._args())
         start = time.perf_counter()
         compiled = self.step.lower(*self._args()).compile()
         self.compile_s = time.perf_counter() - start
-        self.flops = _cost(compiled.cost_analysis(), "flops")
+        self.xla_flops = _cost(compiled.cost_analysis(), "flops")
 
     def _args(self):
         placed = self.sharding.place_batch(self.batch, self.mesh)
@@ -239,7 +245,7 @@ class TorchStep:
         start = time.perf_counter()
         self.run(1)  # compiles, when compiled
         self.compile_s = time.perf_counter() - start
-        self.flops = None
+        self.flops = self.xla_flops = None
 
     def pick_threads(self) -> int | None:
         """Sets and returns the faster of 1 and all intra-op threads (None on a GPU).
@@ -301,11 +307,14 @@ def serve(contender: str, preset_name: str, dtype: str, attention: str) -> None:
     p = preset(preset_name).with_dtype(dtype).resized(_FRAMES.value, _BATCH.value)
     if attention != "default":
         p = dataclasses.replace(p, cfg=dataclasses.replace(p.cfg, attention=attention))
+    if _REMAT.value:
+        p = dataclasses.replace(p, cfg=dataclasses.replace(p.cfg, remat=True))
     step = make_step(contender, p)
     step.run(2)
     _reply(
         ready=True,
         flops=step.flops,
+        xla_flops=step.xla_flops,
         compile_s=step.compile_s,
         batch_size=p.batch_size,
         frames=p.num_frames,
@@ -390,6 +399,7 @@ def bench_preset(name: str, root: Path, logs: Path) -> dict:
     for cname, checkout, argv in contenders(root):  # they build and compile side by side
         flags_ = [*argv, "--preset", name, "--dtype", _DTYPE.value]
         flags_ += [f"--frames={_FRAMES.value}", f"--batch_size={_BATCH.value}"]
+        flags_ += [f"--remat={_REMAT.value}"]
         workers.append(Worker(cname, checkout, flags_, logs / f"{name}-{cname}.log"))
     print(f"starting {', '.join(w.name for w in workers)} ...", flush=True)
     info = {}
@@ -421,6 +431,7 @@ def _summarise(name, workers, info, times, matmul, final, load_before) -> dict:
     ours = workers[0].name
     shape = info[ours]
     flops = next((i["flops"] for i in info.values() if i.get("flops")), None)
+    xla_flops = next((i["xla_flops"] for i in info.values() if i.get("xla_flops")), None)
     gpu = any(f["gpu"] for f in final.values())
     peak = max(statistics.median(m) for m in matmul.values())
     card = next(iter(final.values()))["device"]
@@ -449,10 +460,12 @@ def _summarise(name, workers, info, times, matmul, final, load_before) -> dict:
     result = {
         "preset": name,
         "dtype": _DTYPE.value,
+        "remat": _REMAT.value,
         "batch_size": shape["batch_size"],
         "frames": shape["frames"],
         "frame_size": shape["frame_size"],
         "flops_per_step": flops,
+        "xla_flops_per_step": xla_flops,
         "matmul_peak_flops_per_s": {w.name: statistics.median(matmul[w.name]) for w in workers},
         "device": card,
         "load_before": load_before,
@@ -465,17 +478,20 @@ def _summarise(name, workers, info, times, matmul, final, load_before) -> dict:
 
 def print_table(result: dict) -> None:
     peaks = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in result["matmul_peak_flops_per_s"].items())
-    flops = result["flops_per_step"]
+    flops, xla = result["flops_per_step"], result["xla_flops_per_step"]
     print(
         f"\n{result['preset']}: B={result['batch_size']}, L={result['frames']}, "
-        f"{result['frame_size']} px, {result['dtype']}, {result['device']}; "
-        f"{flops / 1e9:.2f} GFLOP/step (XLA); matmul GFLOP/s: {peaks}; "
+        f"{result['frame_size']} px, {result['dtype']}{', remat' * result['remat']}, "
+        f"{result['device']}; "
+        f"{flops / 1e9:.2f} GFLOP/step in matmuls (XLA's cost analysis: {xla / 1e9:.2f}); "
+        f"matmul GFLOP/s: {peaks}; "
         f"load average {_load(result['load_before'])} -> {_load(result['load_after'])}"
     )
     mfu = any(r["mfu"] for r in result["rows"])
     head = "| contender | ms/step | clips/s | time vs ours | GFLOP/s | % of matmul peak |"
     head += " MFU |" if mfu else ""
-    head += " peak RSS MiB | compile s |"
+    device_memory = any(r["peak_device_mib"] for r in result["rows"])
+    head += " peak RSS MiB |" + (" peak device MiB |" if device_memory else "") + " compile s |"
     print(head)
     print("|" + " --- |" * (head.count("|") - 1))
     for r in result["rows"]:
@@ -490,7 +506,10 @@ def print_table(result: dict) -> None:
         ]
         if mfu:
             cells.append(f"{100 * r['mfu']:.1f} %" if r["mfu"] else "-")
-        cells += [f"{r['peak_rss_mib']:.0f}", f"{r['compile_s']:.1f}"]
+        cells.append(f"{r['peak_rss_mib']:.0f}")
+        if device_memory:
+            cells.append(f"{r['peak_device_mib']:.0f}" if r["peak_device_mib"] else "-")
+        cells.append(f"{r['compile_s']:.1f}")
         print("| " + " | ".join(cells) + " |")
 
 

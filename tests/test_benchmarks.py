@@ -1,0 +1,88 @@
+"""The benchmarks' own arithmetic and set-up, checked where no GPU is needed: the matmul
+FLOP count behind MFU, and the PyTorch twin's moving to a device as a whole."""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+
+from flops import matmul_flops  # noqa: E402 - from the benchmarks directory
+
+
+def test_counts_each_dot_and_convolution_by_its_shapes():
+    a, b = jnp.ones((3, 4, 5)), jnp.ones((3, 5, 6))
+    # a batched product: 2 x (3 x 4 x 6 outputs) x 5 contracted
+    assert matmul_flops(lambda a, b: jnp.einsum("bij,bjk->bik", a, b), a, b) == 2 * 72 * 5
+
+    image, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((2, 2, 3, 4))
+
+    def patches(image, kernel):  # NHWC, 2x2 kernel of 3 -> 4 features, stride 2
+        return lax.conv_general_dilated(
+            image, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    # 2 x 4 x 4 x 4 outputs, each a sum of 2 x 2 x 3 products
+    assert matmul_flops(patches, image, kernel) == 2 * 128 * 12
+
+
+def test_counts_loops_branches_and_the_backward_pass():
+    x, w = jnp.ones((4, 5)), jnp.ones((5, 5))
+    one_dot = 2 * 4 * 5 * 5
+
+    def scanned(x, w):
+        return lax.scan(lambda c, _: (c @ w, None), x, None, length=3)[0]
+
+    assert matmul_flops(scanned, x, w) == 3 * one_dot
+
+    def branches(p, x, w):  # the costlier branch counts
+        return lax.cond(p, lambda: x @ w @ w, lambda: x)
+
+    assert matmul_flops(branches, True, x, w) == 2 * one_dot
+
+    def loss(x, w):
+        return jnp.sum(jnp.tanh(x @ w))
+
+    # forward, then dL/dx and dL/dw: three products of the same size
+    assert matmul_flops(jax.value_and_grad(loss, argnums=(0, 1)), x, w) == 3 * one_dot
+    # rematerialised: the backward pass computes x @ w again
+    remat = jax.value_and_grad(jax.checkpoint(loss), argnums=(0, 1))
+    assert matmul_flops(remat, x, w) == 4 * one_dot
+
+
+def test_cudnn_attention_is_credited_with_the_products_xla_attention_runs():
+    """Traced on the CPU, never run: cuDNN's fused kernel is one primitive, counted as the
+    two forward and four backward products of XLA's attention of the same shapes."""
+    q = jnp.ones((2, 8, 4, 64), jnp.bfloat16)  # [B, T, N, H]
+    kv = jnp.ones((2, 6, 4, 64), jnp.bfloat16)  # S = 6 keys
+    product = 2 * q.size * 6
+
+    def grads(implementation):
+        def loss(q, k, v):
+            out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+            return jnp.sum(out.astype(jnp.float32))
+
+        return matmul_flops(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+
+    assert grads("xla") == 6 * product
+    assert grads("cudnn") == 6 * product
+
+
+def test_the_torch_twin_moves_to_another_device_whole():
+    """``.to(device)`` must carry every tensor the twin's forward uses: on a GPU, one left
+    behind failed the benchmark ("found at least two devices, cuda:0 and cpu"). The meta
+    device shows the same failure without a GPU."""
+    import torch
+    from presets import preset
+    from torch_twin import TorchCMDCL
+
+    tiny = preset("tiny")
+    twin = TorchCMDCL(tiny.build(0), tiny.arch).to("meta")
+    video = torch.from_numpy(np.asarray(tiny.batch(0)["video"])).to("meta")
+    logits = twin(video)
+    assert logits.device.type == "meta"
+    assert logits.shape == (tiny.batch_size, tiny.num_classes)
