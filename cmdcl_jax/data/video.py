@@ -6,14 +6,29 @@ swscale does the resizing and its MJPEG codec writes and reads per-frame JPEG.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 # FFmpeg's AV_CODEC_FLAG_QSCALE: encode at the fixed quantiser given by global_quality.
 _FLAG_QSCALE = 2
 _FF_QP2LAMBDA = 118
+
+
+_local = threading.local()
+
+
+def _reformatter() -> VideoReformatter:
+    """This thread's swscale reformatter. ``VideoFrame.reformat`` makes a new one, with a
+    new scaling context, for every frame: 240 us of a 60 -> 32 px frame's 290 us
+    (measured); one kept per thread reuses its context while the sizes stay the same and
+    gives the same pixels. Per thread because a context is not safe to share."""
+    if not hasattr(_local, "reformatter"):
+        _local.reformatter = VideoReformatter()
+    return _local.reformatter
 
 
 class VideoDecodeError(RuntimeError):
@@ -43,8 +58,10 @@ def resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     out = np.empty((frames.shape[0], height, width, 3), np.uint8)
     for t, frame in enumerate(frames):
         image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        out[t] = image.reformat(width=width, height=height, interpolation="BILINEAR").to_ndarray(
-            format="rgb24"
+        out[t] = (
+            _reformatter()
+            .reformat(image, width=width, height=height, interpolation="BILINEAR")
+            .to_ndarray(format="rgb24")
         )
     return out
 
@@ -131,9 +148,11 @@ def _to_rgb(frame: av.VideoFrame, short_side: int | None) -> np.ndarray:
     if short_side is None:
         return frame.to_ndarray(format="rgb24")
     height, width = resize_short_side(frame.height, frame.width, short_side)
-    return frame.reformat(
-        width=width, height=height, format="rgb24", interpolation="BILINEAR"
-    ).to_ndarray()
+    return (
+        _reformatter()
+        .reformat(frame, width=width, height=height, format="rgb24", interpolation="BILINEAR")
+        .to_ndarray()
+    )
 
 
 def encode_jpeg(frame: np.ndarray, quality: int = 2) -> bytes:
