@@ -7,7 +7,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
+from jax.extend import core
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
@@ -70,6 +72,13 @@ def test_cudnn_attention_is_credited_with_the_products_xla_attention_runs():
 
     assert grads("xla") == 6 * product
     assert grads("cudnn") == 6 * product
+
+
+def test_an_attention_kernel_it_cannot_count_is_refused_not_counted_as_zero():
+    kernel = core.Primitive("flash_attention_of_another_version")
+    kernel.def_abstract_eval(lambda q: q)
+    with pytest.raises(ValueError, match="flash_attention_of_another_version"):
+        matmul_flops(kernel.bind, jnp.ones((2, 8, 4, 64)))
 
 
 def test_the_torch_twin_moves_to_another_device_whole():
