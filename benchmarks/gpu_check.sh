@@ -20,7 +20,7 @@ python -c "import jax, flax, torch; print(jax.__version__, flax.__version__, tor
     >> "$out/gpu.txt" 2>&1
 
 # 1. Timing: four contenders interleaved, one at a time on the card (~4 min).
-timeout 330 python benchmarks/train_step.py --presets base --dtype bfloat16 \
+timeout 370 python benchmarks/train_step.py --presets base --dtype bfloat16 \
     --contenders jax,torch_eager,torch_compile --attention default,xla \
     --rounds 3 --steps 5 --out "$out/base.json" > "$out/base.log" 2>&1
 echo "timing: exit $?" >> "$out/gpu.txt"
@@ -28,7 +28,7 @@ echo "timing: exit $?" >> "$out/gpu.txt"
 # 2. Peak memory: one process per clip length, side by side (each counts its own
 #    allocations; their times are not a measurement).
 for frames in 8 16 32 64; do
-    timeout 200 python benchmarks/train_step.py --presets base --dtype bfloat16 \
+    timeout 160 python benchmarks/train_step.py --presets base --dtype bfloat16 \
         --contenders jax --remat --frames "$frames" --rounds 1 --steps 2 \
         --out "$out/memory_$frames.json" > "$out/memory_$frames.log" 2>&1 &
 done
