@@ -83,9 +83,8 @@ def linear_dot_general(x, w, dimension_numbers, precision=None, out_sharding=Non
     [N, out]. XLA's CPU dot runs that form at 200-330 GFLOP/s on the ``small`` benchmark's
     shapes, and at ~450 once the narrower operand is transposed into a copy of its own (an
     optimisation barrier keeps XLA from folding the transpose back into the product): the
-    ``small`` step took ~94 instead of ~107 ms, ``tiny`` 12.2-12.8 instead of 13.5-13.7
-    (BENCHMARKS.md). On other backends the backward pass is autodiff's own arithmetic.
-    """
+    ``small`` step took 92.5 instead of 102.7 ms in an interleaved run (BENCHMARKS.md).
+    On other backends the backward pass is autodiff's own arithmetic."""
     if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or w.ndim != 2:
         raise ValueError(f"not a dense layer's product: dimension_numbers {dimension_numbers}")
     if out_sharding is not None or kwargs:
