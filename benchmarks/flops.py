@@ -12,8 +12,7 @@ on every platform before any compiler sees it, so the count here is too:
 * sub-jaxprs are counted where they run: a ``scan`` body ``length`` times, the costliest
   branch of a ``cond``, a ``while`` body once (its trip count is not known when tracing),
   a rematerialised (``checkpoint``) block wherever the backward pass recomputes it, so a
-  step with remat on counts the FLOPs it executes.
-
+  step with remat on counts the FLOPs it executes;
 * cuDNN's fused attention (``model.attention`` "cudnn", or "auto" on a GPU), one
   primitive with no dot inside, is credited with the products of the attention it
   replaces: QK^T and PV forward, four products backward; the kernel's recomputation of

@@ -13,7 +13,8 @@ Measured (BENCHMARKS.md, interleaved runs of 8 and 12 rounds, two 2-core machine
 ``small`` step 1.22-1.25x faster on a Zen 4 CPU and 1.34-1.45x on a Zen 5 one, the
 ``tiny`` step alone 1.08-1.18x slower, as the next step's dispatch no longer overlaps the
 running one (a model whose scratch stays under 32 MB has no faults to spare); the whole
-quickstart, bound by its input pipeline, within noise (84-92 s against 89 s). Hence on
+quickstart, where the input pipeline shares the cores with the step, faster with it (69.1
+and 69.2 s against 71.5 and 72.6 s). Hence on
 by default in ``main`` when the backend is the CPU (``--noreuse_cpu_scratch`` turns it
 off): :func:`run_cpu_calls_inline` before the backend starts, :func:`keep_freed_blocks`
 once it is known to be the CPU, so a GPU host's ``malloc`` is left as it is. Peak

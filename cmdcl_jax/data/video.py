@@ -56,13 +56,11 @@ def resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     if frames.shape[1:3] == (height, width):
         return frames
     out = np.empty((frames.shape[0], height, width, 3), np.uint8)
+    reformatter = _reformatter()
     for t, frame in enumerate(frames):
         image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        out[t] = (
-            _reformatter()
-            .reformat(image, width=width, height=height, interpolation="BILINEAR")
-            .to_ndarray(format="rgb24")
-        )
+        resized = reformatter.reformat(image, width=width, height=height, interpolation="BILINEAR")
+        out[t] = resized.to_ndarray(format="rgb24")
     return out
 
 
