@@ -40,7 +40,8 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 # "cudnn" (``jax.nn.dot_product_attention`` with that implementation), or "auto": cuDNN's
 # fused kernel on an NVIDIA GPU for bfloat16/float16 heads it takes (width a multiple of 8,
 # at most 128; even sequence lengths, as its training kernels need: a ViT's 197 tokens are
-# refused), XLA's otherwise (cuDNN has no float32 kernel).
+# refused); on a CPU the explicit einsums from 32 keys on (the ``small`` step 0.96 of the
+# time with XLA's, BENCHMARKS.md); XLA's otherwise (cuDNN has no float32 kernel).
 ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn")
 
 
@@ -115,7 +116,11 @@ def _linear_backward(precision, residuals, g):
         dw = lax.dot_general(xt, g2, (((1,), (0,)), ((), ())), precision=precision)
     else:  # copy g^T [out, N]; then transpose the [out, in] product
         gt = lax.optimization_barrier(g2.T)
-        dw = lax.dot_general(gt, x2, (((1,), (0,)), ((), ())), precision=precision).T
+        dw_t = lax.dot_general(gt, x2, (((1,), (0,)), ((), ())), precision=precision)
+        # Unbarred, XLA folds the transpose into the product by swapping its operands,
+        # which contracts x's token axis again (131 against ~440 GFLOP/s alone for the
+        # ``small`` MLP's [2048, 512] x [128, 2048]).
+        dw = lax.optimization_barrier(dw_t).T
     return dx, dw.astype(w.dtype)
 
 
@@ -209,11 +214,11 @@ def multi_head_attention(
     *lead, t, width = q.shape
     s = k.shape[-2]
     dh = width // num_heads
+    if implementation == "auto" and mask is None:
+        implementation = _auto_attention(q.dtype, dh, t, s)
     if implementation != "explicit":
         if mask is not None:
             raise ValueError(f"attention {implementation!r} takes no mask; use 'explicit'")
-        if implementation == "auto":
-            implementation = _auto_attention(q.dtype, dh, t, s)
         out = jax.nn.dot_product_attention(
             q.reshape(-1, t, num_heads, dh),  # [B', T, H, Dh]
             k.reshape(-1, s, num_heads, dh),
@@ -222,27 +227,40 @@ def multi_head_attention(
             implementation=implementation,
         )  # [B', T, H, Dh]
         return out.reshape(*lead, t, width)
-    q = q.reshape(*lead, t, num_heads, dh)  # [..., T, H, Dh]
-    k = k.reshape(*lead, s, num_heads, dh)  # [..., S, H, Dh]
-    v = v.reshape(*lead, s, num_heads, dh)  # [..., S, H, Dh]
-    logits = jnp.einsum("...thd,...shd->...hts", q, k) * (dh**-0.5)  # [..., H, T, S]
-    logits = logits.astype(jnp.float32)
+    q = q.reshape(*lead, t, num_heads, dh).swapaxes(-3, -2)  # [..., H, T, Dh]
+    k = k.reshape(*lead, s, num_heads, dh).swapaxes(-3, -2)  # [..., H, S, Dh]
+    v = v.reshape(*lead, s, num_heads, dh).swapaxes(-3, -2)  # [..., H, S, Dh]
+    logits = jnp.einsum("...htd,...hsd->...hts", q, k) * (dh**-0.5)  # [..., H, T, S]
+    logits = _cpu_barrier(logits.astype(jnp.float32))
     if causal:
         tril = jnp.tril(jnp.ones((t, s), bool))
         mask = tril if mask is None else mask & tril
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [..., H, T, S]
-    out = jnp.einsum("...hts,...shd->...thd", probs, v)  # [..., T, H, Dh]
-    return out.reshape(*lead, t, width)
+    probs = _cpu_barrier(jax.nn.softmax(logits, axis=-1).astype(v.dtype))  # [..., H, T, S]
+    out = jnp.einsum("...hts,...hsd->...htd", probs, v)  # [..., H, T, Dh]
+    return out.swapaxes(-3, -2).reshape(*lead, t, width)
+
+
+def _cpu_barrier(x: Array) -> Array:
+    """``x`` behind an optimisation barrier on the CPU, as is elsewhere.
+
+    On the CPU, XLA otherwise fuses the attention's batched products with the softmax
+    and its gradient into one library call that runs them at ~45-65 GFLOP/s on the
+    ``small`` benchmark's [32, 4, 65, 32] heads; kept apart, the products run at 110-160
+    (BENCHMARKS.md)."""
+    return lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
 
 
 def _auto_attention(dtype, head_dim: int, q_len: int, kv_len: int) -> str:
     """The implementation "auto" picks for heads of ``dtype`` and width ``head_dim`` over
     ``q_len`` queries and ``kv_len`` keys."""
-    cudnn = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    backend = jax.default_backend()
+    cudnn = backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     shapes = head_dim % 8 == 0 and head_dim <= 128 and q_len % 2 == 0 and kv_len % 2 == 0
-    return "cudnn" if cudnn and shapes else "xla"
+    if cudnn and shapes:
+        return "cudnn"
+    return "explicit" if backend == "cpu" and kv_len >= 32 else "xla"
 
 
 def check_attention(name: str) -> str:
