@@ -95,3 +95,36 @@ def test_the_torch_twin_moves_to_another_device_whole():
     logits = twin(video)
     assert logits.device.type == "meta"
     assert logits.shape == (tiny.batch_size, tiny.num_classes)
+
+
+def test_step_profile_reads_the_products_of_compiled_hlo():
+    """``step_profile.hlo_dots`` finds every product of a compiled module, fused or not,
+    with the shapes and dimension numbers that rebuild it: its FLOPs equal the jaxpr's."""
+    from step_profile import hlo_dots
+
+    def fn(a, b, c, d):  # a plain and a batched product, with elementwise work around
+        return jnp.tanh(a @ b).sum() + jnp.einsum("bij,bjk->bik", c * 2, d).sum()
+
+    args = jnp.ones((8, 16)), jnp.ones((16, 4)), jnp.ones((3, 5, 6)), jnp.ones((3, 6, 7))
+    ops = hlo_dots(jax.jit(fn).lower(*args).compile().as_text())
+    dots = [d for found in ops.values() for d in found]
+    assert sorted(d.flops for d in dots) == sorted([2 * 8 * 4 * 16, 2 * 3 * 5 * 7 * 6])
+    assert sum(d.flops for d in dots) == matmul_flops(fn, *args)
+    for d in dots:  # each rebuilt alone gives its output's size
+        lhs, rhs = jnp.ones(d.lhs), jnp.ones(d.rhs)
+        out = lax.dot_general(lhs, rhs, (d.contracting, d.batch))
+        contracted = np.prod([d.lhs[i] for i in d.contracting[0]])
+        assert 2 * out.size * contracted == d.flops
+
+
+def test_step_profile_divides_overlapping_time_among_the_ops_running():
+    from step_profile import wall_shares
+
+    events = [
+        {"ph": "X", "name": "a", "ts": 0, "dur": 10},
+        {"ph": "X", "name": "b", "ts": 5, "dur": 10},  # with a over [5, 10)
+        {"ph": "X", "name": "other", "ts": 0, "dur": 100},  # not an op of the module
+        {"ph": "i", "name": "a", "ts": 50},  # an instant, not a span
+    ]
+    shares = wall_shares(events, {"a", "b"})
+    assert shares == {"a": 5 + 2.5, "b": 2.5 + 5}

@@ -40,8 +40,8 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 # "cudnn" (``jax.nn.dot_product_attention`` with that implementation), or "auto": cuDNN's
 # fused kernel on an NVIDIA GPU for bfloat16/float16 heads it takes (width a multiple of 8,
 # at most 128; even sequence lengths, as its training kernels need: a ViT's 197 tokens are
-# refused); on a CPU the explicit einsums from 32 keys on (the ``small`` step 0.96 of the
-# time with XLA's, BENCHMARKS.md); XLA's otherwise (cuDNN has no float32 kernel).
+# refused); on a CPU the explicit einsums from 32 keys on (``_cpu_barrier``); XLA's
+# otherwise (cuDNN has no float32 kernel).
 ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn")
 
 
@@ -84,7 +84,8 @@ def linear_dot_general(x, w, dimension_numbers, precision=None, out_sharding=Non
     [N, out]. XLA's CPU dot runs that form at 200-330 GFLOP/s on the ``small`` benchmark's
     shapes, and at ~450 once the narrower operand is transposed into a copy of its own (an
     optimisation barrier keeps XLA from folding the transpose back into the product): the
-    ``small`` step took 92.5 instead of 102.7 ms in an interleaved run (BENCHMARKS.md).
+    ``small`` step took 92.5 instead of 102.7 ms in an interleaved run, and 0.97 of that
+    once the transposed product of a wide x was barred too (BENCHMARKS.md).
     On other backends the backward pass is autodiff's own arithmetic."""
     if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or w.ndim != 2:
         raise ValueError(f"not a dense layer's product: dimension_numbers {dimension_numbers}")
@@ -243,12 +244,12 @@ def multi_head_attention(
 
 
 def _cpu_barrier(x: Array) -> Array:
-    """``x`` behind an optimisation barrier on the CPU, as is elsewhere.
+    """``x`` behind an optimisation barrier on the CPU; ``x`` itself on other backends.
 
-    On the CPU, XLA otherwise fuses the attention's batched products with the softmax
-    and its gradient into one library call that runs them at ~45-65 GFLOP/s on the
-    ``small`` benchmark's [32, 4, 65, 32] heads; kept apart, the products run at 110-160
-    (BENCHMARKS.md)."""
+    Unbarred, XLA's CPU backend fuses the attention's batched products with the softmax
+    and its gradient into library calls that ran them at 43-65 GFLOP/s in a profile of
+    the ``small`` benchmark step ([32, 4, 65, 32] heads); one such product alone runs at
+    100-160. With the head-major layout, the step took 0.96 of its time (BENCHMARKS.md)."""
     return lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
 
 
