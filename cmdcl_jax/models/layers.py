@@ -247,9 +247,9 @@ def _cpu_barrier(x: Array) -> Array:
     """``x`` behind an optimisation barrier on the CPU; ``x`` itself on other backends.
 
     Unbarred, XLA's CPU backend fuses the attention's batched products with the softmax
-    and its gradient into library calls that ran them at 43-65 GFLOP/s in a profile of
+    and its gradient into library calls that ran them at 45-67 GFLOP/s in a profile of
     the ``small`` benchmark step ([32, 4, 65, 32] heads); one such product alone runs at
-    100-160. With the head-major layout, the step took 0.96 of its time (BENCHMARKS.md)."""
+    150-170. With the head-major layout, the step took 0.96 of its time (BENCHMARKS.md)."""
     return lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
 
 
