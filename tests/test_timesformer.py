@@ -162,10 +162,11 @@ def test_remat_gives_same_values_and_gradients():
     assert float(jnp.abs(grads["time_embed"][...]).sum()) > 0
 
 
-def test_explicit_attention_matches_the_default():
+@pytest.mark.parametrize("remat", [False, True])  # the CPU's barriers inside a remat block
+def test_explicit_attention_matches_the_default(remat):
     """The einsums against the default ("auto": on a CPU, XLA's ``dot_product_attention`` under
     32 keys, as here)."""
-    assert_same_values_and_gradients(attention="explicit")
+    assert_same_values_and_gradients(attention="explicit", remat=remat)
 
 
 def test_unknown_attention_is_refused():
