@@ -38,6 +38,11 @@ def matmul_flops(fn, *args, **kwargs) -> int:
     return jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
 
 
+def dot_flops(out_shape, lhs_shape, lhs_contracting) -> int:
+    """2 x (output elements) x (contracted size): the FLOPs of one dot product."""
+    return 2 * _size(out_shape) * math.prod(lhs_shape[d] for d in lhs_contracting)
+
+
 def jaxpr_flops(jaxpr: core.Jaxpr) -> int:
     """FLOPs of the dots and convolutions of one execution of ``jaxpr``."""
     total = 0
@@ -45,8 +50,7 @@ def jaxpr_flops(jaxpr: core.Jaxpr) -> int:
         name = eqn.primitive.name
         if name == "dot_general":
             (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2 * _size(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+            total += dot_flops(eqn.outvars[0].aval.shape, eqn.invars[0].aval.shape, contract)
         elif name == "conv_general_dilated":
             rhs = eqn.invars[1].aval.shape
             out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]

@@ -28,7 +28,6 @@ import dataclasses
 import glob
 import gzip
 import json
-import math
 import os
 import re
 import statistics
@@ -36,11 +35,20 @@ import sys
 import tempfile
 import time
 
+import jax
+import numpy as np
 from absl import app, flags
+from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Named apart from train_step's flags, which its import defines too.
+import train_step  # noqa: E402 - beside this file, as the repository root is above
+from flops import dot_flops  # noqa: E402
+from presets import preset  # noqa: E402
+
+from cmdcl_jax import host_memory  # noqa: E402
+
+# Named apart from train_step's flags.
 _MODEL = flags.DEFINE_string("model_preset", "small", "Model preset to profile.")
 _TRACED = flags.DEFINE_integer("traced_steps", 3, "Steps traced.")
 _ROWS = flags.DEFINE_integer("rows", 25, "Rows per table.")
@@ -55,19 +63,17 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) (?:\(|\{)")
 @dataclasses.dataclass(frozen=True)
 class Dot:
     """One ``dot`` instruction: operand shapes and dimension numbers, as ``lax.dot_general``
-    takes them."""
+    takes them, and its output shape."""
 
     lhs: tuple[int, ...]
     rhs: tuple[int, ...]
     contracting: tuple[tuple[int, ...], tuple[int, ...]]
     batch: tuple[tuple[int, ...], tuple[int, ...]]
+    out: tuple[int, ...]
 
     @property
     def flops(self) -> int:
-        (lc, rc), (lb, _) = self.contracting, self.batch
-        free_l = math.prod(d for i, d in enumerate(self.lhs) if i not in lc + lb)
-        free_r = math.prod(d for i, d in enumerate(self.rhs) if i not in rc + self.batch[1])
-        return 2 * math.prod(self.lhs[i] for i in lb + lc) * free_l * free_r
+        return dot_flops(self.out, self.lhs, self.contracting[0])
 
     def __str__(self) -> str:
         (lc, rc), (lb, rb) = self.contracting, self.batch
@@ -93,7 +99,8 @@ def hlo_dots(hlo: str) -> dict[str, list[Dot]]:
             shapes[name] = tuple(int(d) for d in array.group(1).split(",") if d)
         if opcode == "dot":
             lhs, rhs = re.match(r"%(\S+?), %(\S+?)\)", rest).groups()
-            dot = Dot(shapes[lhs], shapes[rhs], _dims(rest, "contracting"), _dims(rest, "batch"))
+            dims = _dims(rest, "contracting"), _dims(rest, "batch")
+            dot = Dot(shapes[lhs], shapes[rhs], *dims, out=shapes[name])
             in_computation[computation].append(dot)
             ops.append((name, [dot], computation))
         elif opcode == "fusion":
@@ -139,12 +146,8 @@ def wall_shares(events: list[dict], names) -> collections.Counter:
 
 def time_alone(dot: Dot, calls: int = 20, repeats: int = 7) -> float:
     """Median seconds of ``dot`` jitted alone on random float32 operands."""
-    import jax
-    import numpy as np
-    from jax import lax
-
     rng = np.random.default_rng(0)
-    lhs, rhs = (jax.numpy.asarray(rng.standard_normal(s, np.float32)) for s in (dot.lhs, dot.rhs))
+    lhs, rhs = (jax.device_put(rng.standard_normal(s, np.float32)) for s in (dot.lhs, dot.rhs))
     fn = jax.jit(lambda a, b: lax.dot_general(a, b, (dot.contracting, dot.batch)))
     jax.block_until_ready(fn(lhs, rhs))
     times = []
@@ -165,13 +168,7 @@ def _kind(name: str, dots: list[Dot]) -> str:
 
 def main(argv):
     del argv
-    from cmdcl_jax import host_memory
-
-    host_memory.reuse_cpu_scratch()
-    import jax
-    import train_step
-    from presets import preset
-
+    host_memory.reuse_cpu_scratch()  # before the first computation starts the backend
     step = train_step.JaxStep(preset(_MODEL.value))
     hlo = step.step.lower(*step._args()).compile().as_text()
     ops = hlo_dots(hlo)
