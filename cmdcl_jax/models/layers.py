@@ -78,15 +78,18 @@ def dense(
 
 def linear_dot_general(x, w, dimension_numbers, precision=None, out_sharding=None, **kwargs):
     """``lax.dot_general`` for ``nnx.Linear``'s product x [..., in] @ w [in, out], with the
-    weight gradient computed as XLA's CPU backend runs it fastest.
+    weight gradient of a wide x computed as XLA's CPU backend runs it fastest.
 
     The weight gradient x^T g contracts the token axis, the first of both [N, in] and
-    [N, out]. XLA's CPU dot runs that form at 200-330 GFLOP/s on the ``small`` benchmark's
-    shapes, and at ~450 once the narrower operand is transposed into a copy of its own (an
-    optimisation barrier keeps XLA from folding the transpose back into the product): the
-    ``small`` step took 92.5 instead of 102.7 ms in an interleaved run, and 0.97 of that
-    once the transposed product of a wide x was barred too (BENCHMARKS.md).
-    On other backends the backward pass is autodiff's own arithmetic."""
+    [N, out]. When x is wider than g (an MLP's fc2: [2048, 512] against [2048, 128] at the
+    ``small`` benchmark), XLA's CPU dot runs that form at a third of its rate: 1425 us
+    alone, against ~800 once g is transposed into a copy of its own and the small
+    [out, in] product is transposed back (optimisation barriers keep XLA from folding
+    either transpose into the product). When x is no wider than g the two forms are level
+    alone (288 against 295 us at 128 -> 128, 790 against 824 at 128 -> 512) and a copy of
+    x^T costs more in the step than it saves: the ``small`` step takes 0.96-0.97 of the
+    time it took with one (BENCHMARKS.md), so autodiff's form stays. On other backends the
+    backward pass is autodiff's own arithmetic."""
     if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or w.ndim != 2:
         raise ValueError(f"not a dense layer's product: dimension_numbers {dimension_numbers}")
     if out_sharding is not None or kwargs:
@@ -110,12 +113,9 @@ def _linear_backward(precision, residuals, g):
     dx = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # [N, in], [N, out]
     tokens = (((0,), (0,)), ((), ()))
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or x2.shape[1] <= g2.shape[1]:
         dw = lax.dot_general(x2, g2, tokens, precision=precision)
-    elif x2.shape[1] <= g2.shape[1]:  # copy x^T [in, N], the narrower
-        xt = lax.optimization_barrier(x2.T)
-        dw = lax.dot_general(xt, g2, (((1,), (0,)), ((), ())), precision=precision)
-    else:  # copy g^T [out, N]; then transpose the [out, in] product
+    else:  # copy g^T [out, N], the narrower; then transpose the [out, in] product
         gt = lax.optimization_barrier(g2.T)
         dw_t = lax.dot_general(gt, x2, (((1,), (0,)), ((), ())), precision=precision)
         # Unbarred, XLA folds the transpose into the product by swapping its operands,
