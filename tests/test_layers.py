@@ -29,7 +29,7 @@ def _grads(dot_general, x, w):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
-@pytest.mark.parametrize("width_in,width_out", [(7, 4), (4, 7)])  # g copied; plain
+@pytest.mark.parametrize("width_in,width_out", [(7, 4), (4, 7)])  # g^T copied; plain
 def test_dense_gradients_equal_autodiff(backend, width_in, width_out, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)  # read when tracing
     kx, kw = jax.random.split(jax.random.key(0))
