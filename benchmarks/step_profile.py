@@ -1,6 +1,6 @@
 """Where our training step's time goes on this machine, and what its matmuls cost alone.
 
-Two tables for one preset (``benchmarks/presets.py``), for whoever makes the step faster:
+Three tables for one preset (``benchmarks/presets.py``), for whoever makes the step faster:
 
 * **Wall clock by op**: a ``jax.profiler`` trace of a few steps, joined to the compiled
   HLO by name. Each op's share of the step is its running time divided among the ops
@@ -9,6 +9,10 @@ Two tables for one preset (``benchmarks/presets.py``), for whoever makes the ste
   matmul by their products' shapes, with the rate each ran at. XLA's own (not library)
   dot ops run asynchronously, their spans covering their launch alone: such a row shows
   a rate above the peak, marked "(async)"; the second table times them.
+* **The other ops by what they compute**: the ops without a product, grouped by kind,
+  output shape and the JAX operation the compiled module's metadata names for them
+  (``transpose(jvp())/transpose`` is a transpose of the backward pass), so that each
+  row can be traced to the model code that makes it.
 * **Matmuls alone**: every product of the compiled step (``dot`` instructions, fused or
   not) jitted alone on random operands of its shapes and timed, one at a time; their sum
   is a floor for the step on this machine: the time it would take were everything but
@@ -16,7 +20,7 @@ Two tables for one preset (``benchmarks/presets.py``), for whoever makes the ste
   same process as the peak it is read against.
 
 It runs as ``python -m cmdcl_jax.main`` runs a step on a CPU (``--reuse_cpu_scratch``);
-on a GPU the trace names kernels, not HLO ops, and only the second table is meaningful.
+on a GPU the trace names kernels, not HLO ops, and only the last table is meaningful.
 
   python benchmarks/step_profile.py --model_preset small
 """
@@ -58,6 +62,8 @@ _ARRAY = re.compile(r"\w+\[([\d,]*)\]")
 # Not ops of their own: values, views, and loops or calls whose ops appear in the trace.
 _NOT_OPS = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) (?:\(|\{)")
+_LAYOUT = re.compile(r"\{[\d,]*\}")
+_SOURCE = re.compile(r'op_name="(?:jit\([^)]*\)/)?([^";]*)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +118,18 @@ def hlo_dots(hlo: str) -> dict[str, list[Dot]]:
     for name, (callee, computation) in calls.items():
         if computation not in fused:
             out[name] = list(in_computation.get(callee, []))
+    return out
+
+
+def hlo_sources(hlo: str) -> dict[str, str]:
+    """Each instruction's output shape and the JAX operation its metadata names, from a
+    compiled module's text: {op name: "f32[128,2048] transpose(jvp())/transpose"}."""
+    out = {}
+    for line in hlo.splitlines():
+        if m := _INSTRUCTION.match(line):
+            source = _SOURCE.search(line)
+            shape = _LAYOUT.sub("", m.group(2))
+            out[m.group(1)] = f"{shape} {source.group(1) if source else ''}".rstrip()
     return out
 
 
@@ -202,6 +220,17 @@ def main(argv):
         if fl and fl / us * 1e6 > peak:  # more than the peak: timed its launch only
             rate += " (async)"
         print(f"| {us / 1e3:.2f} | {count} | {rate} | {kind} |")
+
+    sources, by_source = hlo_sources(hlo), collections.defaultdict(lambda: [0.0, 0])
+    for name, us in shares.items():
+        if not ops[name]:
+            row = by_source[f"{_kind(name, [])}: {sources[name]}"]
+            row[0] += us / _TRACED.value
+            row[1] += 1
+    print("\nthe ops without products, by what they compute (traced)")
+    print("| ms/step | ops | kind: output, JAX operation |\n| --- | --- | --- |")
+    for what, (us, count) in sorted(by_source.items(), key=lambda kv: -kv[1][0])[: _ROWS.value]:
+        print(f"| {us / 1e3:.2f} | {count} | {what} |")
 
     counts = collections.Counter(d for dots in ops.values() for d in dots)
     alone = {dot: time_alone(dot) for dot in counts}

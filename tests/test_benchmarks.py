@@ -1,6 +1,8 @@
 """The benchmarks' own arithmetic and set-up, checked where no GPU is needed: the matmul
-FLOP count behind MFU, and the PyTorch twin's moving to a device as a whole."""
+FLOP count behind MFU, the PyTorch twin's moving to a device as a whole, and the step
+profiler's reading of compiled HLO and of trace spans."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -115,6 +117,19 @@ def test_step_profile_reads_the_products_of_compiled_hlo():
         out = lax.dot_general(lhs, rhs, (d.contracting, d.batch))
         contracted = np.prod([d.lhs[i] for i in d.contracting[0]])
         assert 2 * out.size * contracted == d.flops
+
+
+def test_step_profile_names_each_op_by_its_output_and_jax_operation():
+    from step_profile import hlo_dots, hlo_sources
+
+    def fn(x):  # a transposed copy of the input, scaled: one op without a product
+        return jnp.transpose(x) * 2.0
+
+    hlo = jax.jit(fn).lower(jnp.ones((4, 8))).compile().as_text()
+    ops, sources = hlo_dots(hlo), hlo_sources(hlo)
+    named = [sources[name] for name in ops]
+    assert len(named) == 1 and named[0].startswith("f32[8,4] "), named
+    assert re.search(r"mul|transpose", named[0]), named
 
 
 def test_step_profile_divides_overlapping_time_among_the_ops_running():
