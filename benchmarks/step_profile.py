@@ -8,7 +8,7 @@ Three tables for one preset (``benchmarks/presets.py``), for whoever makes the s
   add up to the step's busy time. Ops are grouped by kind, and the fusions that hold a
   matmul by their products' shapes, with the rate each ran at. XLA's own (not library)
   dot ops run asynchronously, their spans covering their launch alone: such a row shows
-  a rate above the peak, marked "(async)"; the second table times them.
+  a rate above the peak, marked "(async)"; the last table times them.
 * **The other ops by what they compute**: the ops without a product, grouped by kind,
   output shape and the JAX operation the compiled module's metadata names for them
   (``transpose(jvp())/transpose`` is a transpose of the backward pass), so that each
