@@ -8,6 +8,10 @@ through page faults, 4 KB each: 47,260 per ``small`` step. :func:`reuse_cpu_scra
 runs single-device CPU calls on the calling thread instead
 (``jax_cpu_enable_async_dispatch=False``), whose main arena grows by ``brk``, and tells
 glibc to serve large blocks from it and not to trim it, so the next call reuses the pages.
+A call runs on the calling thread only if its inputs are ready when it is made: one handed
+an array that XLA is still copying from the host runs on XLA's worker thread when the copy
+lands, whose malloc arena maps a block over its 64 MB heaps anew whatever the settings, so
+``sharding.place_batch`` waits for a batch's copy on the CPU.
 
 Measured (BENCHMARKS.md, interleaved runs of 8 and 12 rounds, two 2-core machines): the
 ``small`` step 1.22-1.25x faster on a Zen 4 CPU and 1.34-1.45x on a Zen 5 one, the

@@ -70,8 +70,19 @@ def tree_shardings(tree, mesh: Mesh, min_size: int = MIN_SHARDED_SIZE):
 
 
 def place_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Process-local host arrays -> global arrays sharded over the batch axes."""
+    """Process-local host arrays -> global arrays sharded over the batch axes.
+
+    On CPU devices this returns once the arrays are copied. XLA copies a host array that it
+    cannot alias on a worker thread; a call given an array still being copied then runs on
+    that thread when the copy lands, not on the calling one, and there glibc maps and unmaps
+    the call's scratch every time, which ``--reuse_cpu_scratch`` exists to spare
+    (``host_memory``): up to 47,000 page faults and 20-50 ms per ``small`` benchmark step
+    (BENCHMARKS.md). The copy itself is a ``memcpy`` of the batch.
+    """
     sharding = batch_sharding(mesh)
-    return {
+    placed = {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
     }
+    if mesh.devices.flat[0].platform == "cpu":
+        jax.block_until_ready(placed)
+    return placed
