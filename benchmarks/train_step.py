@@ -9,7 +9,8 @@ time over ours in the same round, achieved FLOP/s (the matmul FLOPs of our step 
 from its jaxpr by ``flops.py``, the same model on both sides; XLA's cost analysis, which
 misses the library calls of a GPU, is printed beside) against the fastest of a large
 matmul measured by each library in the same rounds (on a GPU, against the card's peak:
-MFU), and its process's peak memory. The load average is printed before and after.
+MFU), its process's peak memory and its minor page faults per step (a step that maps
+its scratch anew shows tens of thousands). The load average is printed before and after.
 
   python benchmarks/train_step.py                      # tiny, small, base (~10 min, 2 cores)
   python benchmarks/train_step.py --quick              # tiny and small, 3 rounds
@@ -327,7 +328,10 @@ def serve(contender: str, preset_name: str, dtype: str, attention: str) -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "steps":
-            _reply(seconds=step.run(cmd["n"]))
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            seconds = step.run(cmd["n"])
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            _reply(seconds=seconds, faults_per_step=faults / cmd["n"])
         elif cmd["cmd"] == "threads":
             _reply(threads=step.pick_threads())
         elif cmd["cmd"] == "matmul":
@@ -413,25 +417,28 @@ def bench_preset(name: str, root: Path, logs: Path) -> dict:
     for w in workers:  # one at a time, the others idle
         info[w.name]["threads"] = w.ask(cmd="threads")["threads"]
     times = {w.name: [] for w in workers}
+    faults = {w.name: [] for w in workers}
     matmul = {w.name: [] for w in workers}
     for r in range(rounds):
         order = workers[r % len(workers) :] + workers[: r % len(workers)]
         for w in order:
-            times[w.name].append(w.ask(cmd="steps", n=steps)["seconds"])
+            reply = w.ask(cmd="steps", n=steps)
+            times[w.name].append(reply["seconds"])
+            faults[w.name].append(reply["faults_per_step"])
             matmul[w.name].append(w.ask(cmd="matmul")["flops_per_s"])
         line = ", ".join(f"{w.name} {1e3 * times[w.name][-1]:.1f}" for w in workers)
         print(f"round {r + 1}/{rounds} ms/step: {line}", flush=True)
     final = {w.name: w.ask(cmd="quit") for w in workers}
     for w in workers:
         w.proc.wait()
-    return _summarise(name, workers, info, times, matmul, final, load_before)
+    return _summarise(name, workers, info, times, faults, matmul, final, load_before)
 
 
 def _load(load: tuple[float, float, float]) -> str:
     return " ".join(f"{x:.2f}" for x in load)
 
 
-def _summarise(name, workers, info, times, matmul, final, load_before) -> dict:
+def _summarise(name, workers, info, times, faults, matmul, final, load_before) -> dict:
     ours = workers[0].name
     shape = info[ours]
     flops = next((i["flops"] for i in info.values() if i.get("flops")), None)
@@ -459,6 +466,8 @@ def _summarise(name, workers, info, times, matmul, final, load_before) -> dict:
                 "compile_s": info[w.name]["compile_s"],
                 "torch_threads": info[w.name].get("threads"),
                 "ms_per_round": [1e3 * x for x in times[w.name]],
+                "page_faults_per_step": statistics.median(faults[w.name]),
+                "page_faults_per_round": faults[w.name],
             }
         )
     result = {
@@ -499,7 +508,8 @@ def print_table(result: dict) -> None:
     head = "| contender | ms/step | clips/s | time vs ours | GFLOP/s | % of matmul peak |"
     head += " MFU |" if mfu else ""
     device_memory = any(r["peak_device_mib"] for r in result["rows"])
-    head += " peak RSS MiB |" + (" peak device MiB |" if device_memory else "") + " compile s |"
+    head += " peak RSS MiB |" + (" peak device MiB |" if device_memory else "")
+    head += " page faults/step | compile s |"
     print(head)
     print("|" + " --- |" * (head.count("|") - 1))
     for r in result["rows"]:
@@ -517,6 +527,7 @@ def print_table(result: dict) -> None:
         cells.append(f"{r['peak_rss_mib']:.0f}")
         if device_memory:
             cells.append(f"{r['peak_device_mib']:.0f}" if r["peak_device_mib"] else "-")
+        cells.append(f"{r['page_faults_per_step']:.0f}")
         cells.append(f"{r['compile_s']:.1f}")
         print("| " + " | ".join(cells) + " |")
 
