@@ -13,12 +13,13 @@ an array that XLA is still copying from the host runs on XLA's worker thread whe
 lands, whose malloc arena maps a block over its 64 MB heaps anew whatever the settings, so
 ``sharding.place_batch`` waits for a batch's copy on the CPU.
 
-Measured (BENCHMARKS.md, interleaved runs of 8 and 12 rounds, two 2-core machines): the
-``small`` step 1.22-1.25x faster on a Zen 4 CPU and 1.34-1.45x on a Zen 5 one, the
-``tiny`` step alone 1.08-1.18x slower, as the next step's dispatch no longer overlaps the
-running one (a model whose scratch stays under 32 MB has no faults to spare); the whole
-quickstart, where the input pipeline shares the cores with the step, faster with it (69.1
-and 69.2 s against 71.5 and 72.6 s). Hence on
+Measured (BENCHMARKS.md, interleaved runs of 8 and 12 rounds, three 2-core machines): the
+``small`` step 1.22-1.25x faster on a Zen 4 CPU, 1.34-1.45x on a Zen 5 one and 1.24x on
+an Intel Xeon, the ``tiny`` step alone 1.08-1.18x slower, as the next step's dispatch no
+longer overlaps the running one (a model whose scratch stays under 32 MB has no faults to
+spare); the whole quickstart, where the input pipeline shares the cores with the step,
+faster with it on the Zen 5 machine (69.1 and 69.2 s against 71.5 and 72.6 s), not on the
+Intel one (113.2-125.4 s against 112.9-114.9). Hence on
 by default in ``main`` when the backend is the CPU (``--noreuse_cpu_scratch`` turns it
 off): :func:`run_cpu_calls_inline` before the backend starts, :func:`keep_freed_blocks`
 once it is known to be the CPU, so a GPU host's ``malloc`` is left as it is. Peak
