@@ -40,8 +40,10 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 # "cudnn" (``jax.nn.dot_product_attention`` with that implementation), or "auto": cuDNN's
 # fused kernel on an NVIDIA GPU for bfloat16/float16 heads it takes (width a multiple of 8,
 # at most 128; even sequence lengths, as its training kernels need: a ViT's 197 tokens are
-# refused); on a CPU the explicit einsums from 32 keys on (``_cpu_barrier``); XLA's
-# otherwise (cuDNN has no float32 kernel).
+# refused); on a CPU the explicit einsums from 32 keys on; XLA's otherwise (cuDNN has no
+# float32 kernel). On a CPU, XLA fuses either form's products with the softmax into one
+# library call; an optimisation barrier between them is dropped before that fusion (the
+# compiled step is the same with or without one, BENCHMARKS.md).
 ATTENTION_IMPLEMENTATIONS = ("auto", "explicit", "xla", "cudnn")
 
 
@@ -232,25 +234,15 @@ def multi_head_attention(
     k = k.reshape(*lead, s, num_heads, dh).swapaxes(-3, -2)  # [..., H, S, Dh]
     v = v.reshape(*lead, s, num_heads, dh).swapaxes(-3, -2)  # [..., H, S, Dh]
     logits = jnp.einsum("...htd,...hsd->...hts", q, k) * (dh**-0.5)  # [..., H, T, S]
-    logits = _cpu_barrier(logits.astype(jnp.float32))
+    logits = logits.astype(jnp.float32)
     if causal:
         tril = jnp.tril(jnp.ones((t, s), bool))
         mask = tril if mask is None else mask & tril
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = _cpu_barrier(jax.nn.softmax(logits, axis=-1).astype(v.dtype))  # [..., H, T, S]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # [..., H, T, S]
     out = jnp.einsum("...hts,...hsd->...htd", probs, v)  # [..., H, T, Dh]
     return out.swapaxes(-3, -2).reshape(*lead, t, width)
-
-
-def _cpu_barrier(x: Array) -> Array:
-    """``x`` behind an optimisation barrier on the CPU; ``x`` itself on other backends.
-
-    Unbarred, XLA's CPU backend fuses the attention's batched products with the softmax
-    and its gradient into library calls that ran them at 45-67 GFLOP/s in a profile of
-    the ``small`` benchmark step ([32, 4, 65, 32] heads); one such product alone runs at
-    150-170. With the head-major layout, the step took 0.96 of its time (BENCHMARKS.md)."""
-    return lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
 
 
 def _auto_attention(dtype, head_dim: int, q_len: int, kv_len: int) -> str:
