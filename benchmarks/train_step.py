@@ -9,8 +9,10 @@ time over ours in the same round, achieved FLOP/s (the matmul FLOPs of our step 
 from its jaxpr by ``flops.py``, the same model on both sides; XLA's cost analysis, which
 misses the library calls of a GPU, is printed beside) against the fastest of a large
 matmul measured by each library in the same rounds (on a GPU, against the card's peak:
-MFU), its process's peak memory and its minor page faults per step (a step that maps
-its scratch anew shows tens of thousands). The load average is printed before and after.
+MFU), its process's peak memory, its minor page faults per step (a step that maps
+its scratch anew shows tens of thousands) and the cores it kept busy while stepping (CPU
+time over wall time; a thread that spins while it waits counts as busy). The load
+average is printed before and after.
 
   python benchmarks/train_step.py                      # tiny, small, base (~10 min, 2 cores)
   python benchmarks/train_step.py --quick              # tiny and small, 3 rounds
@@ -328,10 +330,12 @@ def serve(contender: str, preset_name: str, dtype: str, attention: str) -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "steps":
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             seconds = step.run(cmd["n"])
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-            _reply(seconds=seconds, faults_per_step=faults / cmd["n"])
+            wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            faults = (after.ru_minflt - before.ru_minflt) / cmd["n"]
+            _reply(seconds=seconds, faults_per_step=faults, cores_busy=cpu / wall)
         elif cmd["cmd"] == "threads":
             _reply(threads=step.pick_threads())
         elif cmd["cmd"] == "matmul":
@@ -418,6 +422,7 @@ def bench_preset(name: str, root: Path, logs: Path) -> dict:
         info[w.name]["threads"] = w.ask(cmd="threads")["threads"]
     times = {w.name: [] for w in workers}
     faults = {w.name: [] for w in workers}
+    busy = {w.name: [] for w in workers}
     matmul = {w.name: [] for w in workers}
     for r in range(rounds):
         order = workers[r % len(workers) :] + workers[: r % len(workers)]
@@ -425,20 +430,24 @@ def bench_preset(name: str, root: Path, logs: Path) -> dict:
             reply = w.ask(cmd="steps", n=steps)
             times[w.name].append(reply["seconds"])
             faults[w.name].append(reply["faults_per_step"])
+            busy[w.name].append(reply["cores_busy"])
             matmul[w.name].append(w.ask(cmd="matmul")["flops_per_s"])
         line = ", ".join(f"{w.name} {1e3 * times[w.name][-1]:.1f}" for w in workers)
         print(f"round {r + 1}/{rounds} ms/step: {line}", flush=True)
     final = {w.name: w.ask(cmd="quit") for w in workers}
     for w in workers:
         w.proc.wait()
-    return _summarise(name, workers, info, times, faults, matmul, final, load_before)
+    usage = {"faults": faults, "busy": busy}
+    return _summarise(name, workers, info, times, usage, matmul, final, load_before)
 
 
 def _load(load: tuple[float, float, float]) -> str:
     return " ".join(f"{x:.2f}" for x in load)
 
 
-def _summarise(name, workers, info, times, faults, matmul, final, load_before) -> dict:
+def _summarise(name, workers, info, times, usage, matmul, final, load_before) -> dict:
+    """``usage``: per contender and round, minor page faults per step ("faults") and CPU
+    time over wall time while stepping ("busy": threads that spin while waiting count)."""
     ours = workers[0].name
     shape = info[ours]
     flops = next((i["flops"] for i in info.values() if i.get("flops")), None)
@@ -466,8 +475,10 @@ def _summarise(name, workers, info, times, faults, matmul, final, load_before) -
                 "compile_s": info[w.name]["compile_s"],
                 "torch_threads": info[w.name].get("threads"),
                 "ms_per_round": [1e3 * x for x in times[w.name]],
-                "page_faults_per_step": statistics.median(faults[w.name]),
-                "page_faults_per_round": faults[w.name],
+                "page_faults_per_step": statistics.median(usage["faults"][w.name]),
+                "page_faults_per_round": usage["faults"][w.name],
+                "cores_busy": statistics.median(usage["busy"][w.name]),
+                "cores_busy_per_round": usage["busy"][w.name],
             }
         )
     result = {
@@ -509,7 +520,7 @@ def print_table(result: dict) -> None:
     head += " MFU |" if mfu else ""
     device_memory = any(r["peak_device_mib"] for r in result["rows"])
     head += " peak RSS MiB |" + (" peak device MiB |" if device_memory else "")
-    head += " page faults/step | compile s |"
+    head += " page faults/step | cores busy | compile s |"
     print(head)
     print("|" + " --- |" * (head.count("|") - 1))
     for r in result["rows"]:
@@ -528,6 +539,7 @@ def print_table(result: dict) -> None:
         if device_memory:
             cells.append(f"{r['peak_device_mib']:.0f}" if r["peak_device_mib"] else "-")
         cells.append(f"{r['page_faults_per_step']:.0f}")
+        cells.append(f"{r['cores_busy']:.2f}")
         cells.append(f"{r['compile_s']:.1f}")
         print("| " + " | ".join(cells) + " |")
 
