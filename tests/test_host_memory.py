@@ -118,3 +118,35 @@ def test_a_call_on_a_placed_batch_runs_on_the_calling_thread():
     placed = _run(PLACED_BATCH_CALLS, "place_batch")
     assert placed["calls"] == 10
     assert placed["on_the_calling_thread"] == 10, (handed_over, placed)
+
+
+# A block over 2 GiB (the base preset's training step has ~5 GB of scratch on the CPU)
+# taken from the heap and freed: does the heap's top go back to the system? Only the
+# program break is read, so none of the block is touched.
+LARGE_BLOCK = """
+import ctypes, ctypes.util, json
+
+from cmdcl_jax import host_memory
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
+kept = host_memory.keep_freed_blocks()
+start = libc.sbrk(0)
+block = libc.malloc(2**31 + 2**28)  # 2.25 GiB
+top = libc.sbrk(0)
+libc.free(block)
+print(json.dumps({"kept": kept, "grown": top - start, "released": top - libc.sbrk(0)}))
+"""
+
+
+def test_kept_heap_is_not_trimmed_after_a_block_over_2_gib():
+    # mallopt's M_TRIM_THRESHOLD is an int: 2**31 - 1, its largest positive value, still
+    # let glibc trim a freed top over 2 GiB, so the base step faulted 1.27 million pages
+    # (4.9 GiB) in again each call (BENCHMARKS.md); -1 turns trimming off.
+    got = _run(LARGE_BLOCK, "keep")
+    if not got["kept"]:
+        pytest.skip("not glibc: keep_freed_blocks changes nothing")
+    assert got["grown"] >= 2**31 + 2**28, got  # served from the heap, not by mmap
+    assert got["released"] == 0, got
