@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements no CPU can give, in one call of about 7 minutes on one NVIDIA GPU
+# The GPU measurements no CPU can give, in one call of about 8 minutes on one NVIDIA GPU
 # (BENCHMARKS.md, "base, bfloat16"): our base() step in bfloat16 against the PyTorch twin,
 # eager and compiled, with cuDNN attention on ("auto") and off ("xla"), MFU from the
 # matmul count; then the peak GPU memory of our step with remat on (the run configs'
@@ -19,8 +19,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 python -c "import jax, flax, torch; print(jax.__version__, flax.__version__, torch.__version__)" \
     >> "$out/gpu.txt" 2>&1
 
-# 1. Timing: four contenders interleaved, one at a time on the card (~4 min).
-timeout 370 python benchmarks/train_step.py --presets base --dtype bfloat16 \
+# 1. Timing: four contenders interleaved, one at a time on the card (~5 min; ours compiles
+#    first, alone, then the other three side by side).
+timeout 480 python benchmarks/train_step.py --presets base --dtype bfloat16 \
     --contenders jax,torch_eager,torch_compile --attention default,xla \
     --rounds 3 --steps 5 --out "$out/base.json" > "$out/base.log" 2>&1
 echo "timing: exit $?" >> "$out/gpu.txt"

@@ -1,9 +1,12 @@
 r"""Benchmark: one training step of CMDCL here against its PyTorch twin, eager and compiled.
 
-Each contender is a separate warm process (built and compiled side by side with the
-others, then two steps run) that runs ``--steps`` training steps when asked; the
-contenders take turns, one at a time (the order rotates every round), for ``--rounds``
-rounds, so a machine shared with other work slows them alike.
+Each contender is a separate warm process (built and compiled, then two steps run) that
+runs ``--steps`` training steps when asked; the contenders take turns, one at a time (the
+order rotates every round), for ``--rounds`` rounds, so a machine shared with other work
+slows them alike. Our first contender starts alone; the others start side by side once
+it is ready, as many at a time as the host's available memory holds at its size (each
+``base`` process holds ~9 GB on a CPU: a 24 GiB machine takes one beside ours, so each
+runs its rounds against ours in turn, one table per group).
 Reported per contender: the median ms/step and clips/s, the median over rounds of its
 time over ours in the same round, achieved FLOP/s (the matmul FLOPs of our step counted
 from its jaxpr by ``flops.py``, the same model on both sides; XLA's cost analysis, which
@@ -24,10 +27,11 @@ computes it (this worker on that checkout's ``cmdcl_jax``), to measure a change 
 interleaved run.
 ``--attention`` adds one contender per TimeSformer attention implementation (for each of
 our contenders);
-``--contenders jax,jax_clip_cache`` adds our step fed the frozen CLIP's features
-(``train.clip_cache``); ``jax_reuse_scratch``, our step in a process set up as ``main.py``
-sets it up on a CPU by default (``--reuse_cpu_scratch``, ``cmdcl_jax.host_memory``);
-``jax`` is a process with JAX's own dispatch (``--noreuse_cpu_scratch``).
+``--contenders``: ``jax_reuse_scratch`` (the default's first, ours) is our step in a
+process set up as ``main.py`` sets it up on a CPU by default (``--reuse_cpu_scratch``,
+``cmdcl_jax.host_memory``); ``jax`` is a process with JAX's own dispatch
+(``--noreuse_cpu_scratch``); ``jax_clip_cache`` our step fed the frozen CLIP's features
+(``train.clip_cache``).
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ from absl import app, flags
 
 _PRESETS = flags.DEFINE_list("presets", ["tiny", "small", "base"], "Model presets to time.")
 _CONTENDERS = flags.DEFINE_list(
-    "contenders", ["jax", "torch_eager", "torch_compile"], "Who runs the step."
+    "contenders",
+    ["jax_reuse_scratch", "torch_eager", "torch_compile"],
+    "Who runs the step (the first is ours, the reference of every ratio).",
 )
 _CHECKOUT = flags.DEFINE_multi_string(
     "checkout",
@@ -320,6 +326,7 @@ def serve(contender: str, preset_name: str, dtype: str, attention: str) -> None:
     step.run(2)
     _reply(
         ready=True,
+        peak_rss=_peak_rss(),
         flops=step.flops,
         xla_flops=step.xla_flops,
         compile_s=step.compile_s,
@@ -340,10 +347,17 @@ def serve(contender: str, preset_name: str, dtype: str, attention: str) -> None:
             _reply(threads=step.pick_threads())
         elif cmd["cmd"] == "matmul":
             _reply(flops_per_s=matmul_rate(step.library, dtype, step.gpu))
-        elif cmd["cmd"] == "quit":
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-            _reply(peak_rss=rss, peak_device=step.peak_memory(), gpu=step.gpu, device=_device())
-            return
+        elif cmd["cmd"] in ("report", "quit"):
+            _reply(
+                peak_rss=_peak_rss(), peak_device=step.peak_memory(), gpu=step.gpu, device=_device()
+            )
+            if cmd["cmd"] == "quit":
+                return
+
+
+def _peak_rss() -> int:
+    """This process's peak resident size in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _device() -> str:
@@ -402,22 +416,80 @@ def contenders(root: Path) -> list[tuple[str, Path, list[str]]]:
     return out
 
 
-def bench_preset(name: str, root: Path, logs: Path) -> dict:
+# Room left per process beside ours: the others' sizes are taken as ours times this.
+MEMORY_MARGIN = 1.2
+
+
+def available_memory() -> int | None:
+    """Bytes the host can still give processes (``MemAvailable``); None where unknown."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def groups_beside_ours(others: list, ours_bytes: int, available: int | None) -> list[list]:
+    """``others`` in groups to run beside our running contender, each group as many as
+    ``available`` bytes hold at ``MEMORY_MARGIN`` times our size (at least one); all in
+    one group where the memory is unknown."""
+    if available is None:
+        room = len(others)
+    else:
+        room = max(1, int(available // (MEMORY_MARGIN * ours_bytes)))
+    return [others[i : i + room] for i in range(0, len(others), room)] or [[]]
+
+
+def bench_preset(name: str, root: Path, logs: Path) -> list[dict]:
+    """One result per group of contenders run beside ours (one group where memory allows)."""
     steps = _STEPS.value or STEPS[name]
     rounds = _ROUNDS.value or (3 if _QUICK.value else ROUNDS[name])
     load_before = os.getloadavg()
     print(f"\n## {name} ({_DTYPE.value}): load average {_load(load_before)}", flush=True)
-    workers = []
-    for cname, checkout, argv in contenders(root):  # they build and compile side by side
-        flags_ = [*argv, "--preset", name, "--dtype", _DTYPE.value]
-        flags_ += [f"--frames={_FRAMES.value}", f"--batch_size={_BATCH.value}"]
-        flags_ += [f"--remat={_REMAT.value}"]
-        workers.append(Worker(cname, checkout, flags_, logs / f"{name}-{cname}.log"))
-    print(f"starting {', '.join(w.name for w in workers)} ...", flush=True)
-    info = {}
-    for w in workers:
-        info[w.name] = w.ask()
-        print(f"  {w.name} ready, compiled in {info[w.name]['compile_s']:.1f} s", flush=True)
+    info = {}  # per contender: what it replied when ready
+
+    def start(specs) -> list[Worker]:  # they build and compile side by side
+        workers = []
+        for cname, checkout, argv in specs:
+            flags_ = [*argv, "--preset", name, "--dtype", _DTYPE.value]
+            flags_ += [f"--frames={_FRAMES.value}", f"--batch_size={_BATCH.value}"]
+            flags_ += [f"--remat={_REMAT.value}"]
+            workers.append(Worker(cname, checkout, flags_, logs / f"{name}-{cname}.log"))
+        print(f"starting {', '.join(w.name for w in workers)} ...", flush=True)
+        for w in workers:
+            info[w.name] = w.ask()
+            print(f"  {w.name} ready, compiled in {info[w.name]['compile_s']:.1f} s", flush=True)
+        return workers
+
+    first, *others = contenders(root)
+    (ours,) = start([first])
+    available = available_memory()
+    groups = groups_beside_ours(others, info[ours.name]["peak_rss"], available)
+    if len(groups) > 1:
+        print(
+            f"{ours.name} holds {info[ours.name]['peak_rss'] / 2**30:.1f} GiB with"
+            f" {available / 2**30:.1f} GiB available: {len(groups[0])} contender(s) beside"
+            " it at a time",
+            flush=True,
+        )
+    results = []
+    for group in groups:
+        workers = [ours, *start(group)]
+        results.append(run_rounds(name, workers, info, steps, rounds, load_before))
+        for w in workers[1:]:
+            w.ask(cmd="quit")
+            w.proc.wait()
+        load_before = os.getloadavg()
+    ours.ask(cmd="quit")
+    ours.proc.wait()
+    return results
+
+
+def run_rounds(name, workers, info, steps: int, rounds: int, load_before) -> dict:
+    """``rounds`` rounds of ``steps`` steps of each of ``workers`` (ready), in turn."""
     for w in workers:  # one at a time, the others idle
         info[w.name]["threads"] = w.ask(cmd="threads")["threads"]
     times = {w.name: [] for w in workers}
@@ -434,9 +506,7 @@ def bench_preset(name: str, root: Path, logs: Path) -> dict:
             matmul[w.name].append(w.ask(cmd="matmul")["flops_per_s"])
         line = ", ".join(f"{w.name} {1e3 * times[w.name][-1]:.1f}" for w in workers)
         print(f"round {r + 1}/{rounds} ms/step: {line}", flush=True)
-    final = {w.name: w.ask(cmd="quit") for w in workers}
-    for w in workers:
-        w.proc.wait()
+    final = {w.name: w.ask(cmd="report") for w in workers}
     usage = {"faults": faults, "busy": busy}
     return _summarise(name, workers, info, times, usage, matmul, final, load_before)
 
@@ -562,7 +632,7 @@ def main(argv) -> None:
     results = []
     with tempfile.TemporaryDirectory() as logs:
         for name in presets:
-            results.append(bench_preset(name, root, Path(logs)))
+            results += bench_preset(name, root, Path(logs))
             if _OUT.value:  # after every preset: a later failure loses nothing measured
                 Path(_OUT.value).write_text(json.dumps(results, indent=2))
 

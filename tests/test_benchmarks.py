@@ -143,3 +143,23 @@ def test_step_profile_divides_overlapping_time_among_the_ops_running():
     ]
     shares = wall_shares(events, {"a", "b"})
     assert shares == {"a": 5 + 2.5, "b": 2.5 + 5}
+
+
+def test_contenders_run_beside_ours_as_many_at_a_time_as_memory_holds():
+    from train_step import MEMORY_MARGIN, groups_beside_ours
+
+    gib = 2**30
+    others = ["torch_eager", "torch_compile", "jax@before"]
+    # base on a 24 GiB CPU host: ours holds ~8.7 GiB, ~14.5 GiB left: one beside it.
+    assert groups_beside_ours(others, int(8.7 * gib), int(14.5 * gib)) == [[o] for o in others]
+    # small: ~1.5 GiB each, all at once.
+    assert groups_beside_ours(others, int(1.5 * gib), 20 * gib) == [others]
+    # Room for two at the margin, not quite for three.
+    ours = 4 * gib
+    assert groups_beside_ours(others, ours, int(3 * MEMORY_MARGIN * ours) - 1) == [
+        others[:2],
+        others[2:],
+    ]
+    assert groups_beside_ours(others, ours, 1) == [[o] for o in others]  # never none at all
+    assert groups_beside_ours(others, ours, None) == [others]  # memory unknown: as before
+    assert groups_beside_ours([], ours, gib) == [[]]  # ours alone
