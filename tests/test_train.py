@@ -170,6 +170,35 @@ def test_checkpoints_resume_on_another_process_count(data_dir, tmp_path):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=atol)
 
 
+def test_saving_a_replicated_state_in_one_process_compiles_nothing(tmp_path):
+    # Orbax's replica-parallel saving cuts a replicated array into one slice per device,
+    # each a jitted slice compiled per shape and device: 128 compilations (~5 s) at the
+    # first save of the tests' 8-device runs. One process has no other to share the
+    # writing with. Shapes of this test alone, so that no earlier save compiled them.
+    mesh = sharding.make_mesh(devices=jax.devices())
+    assert mesh.size == 8  # conftest's devices: replica-parallel would cut 8 slices
+    host = {"step": np.int32(3), "params": {"w": np.arange(56 * 37.0).reshape(56, 37)}}
+    state = jax.device_put(host, sharding.replicated(mesh))
+    compiled = []
+
+    def record(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs)
+
+    checkpoints = Checkpoints(tmp_path, async_save=False)
+    jax.monitoring.register_event_duration_secs_listener(record)
+    try:
+        checkpoints.save(3, state, {})
+        checkpoints.prune()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(record)
+    assert compiled == []
+    zeros = jax.tree.map(np.zeros_like, host)
+    restored, step = Checkpoints(tmp_path, read_only=True).restore(zeros)
+    assert step == 3
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), host["params"]["w"])
+
+
 def test_sharded_step_matches_single_device(data_dir, tmp_path):
     config = synthetic(data_dir, **{"train.batch_size": 8})
     run = build(config, tmp_path)

@@ -17,9 +17,11 @@ import shutil
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.metadata import array_metadata_store  # not exported: its Store
 
 
 class CheckpointMismatchError(ValueError):
@@ -67,6 +69,23 @@ def _root_cause(err: BaseException) -> str:
     return str(err).strip().splitlines()[0].split(" [tensorstore_spec=")[0]
 
 
+def _array_handlers():
+    """Orbax's handlers for the state's leaves, with replica-parallel saving of replicated
+    arrays (each replica writes a slice, cut by a jitted slice per array shape and device)
+    only where there are several processes to share the writing. In one process it only
+    costs compilations: 128 at the first save of the tests' 8-device runs, ~5 s."""
+    arrays = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=jax.process_count() > 1,
+        array_metadata_store=array_metadata_store.Store(),  # as orbax's default handler
+    )
+    scalars = ocp.type_handlers.ScalarHandler()
+    return ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, arrays),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        *((t, scalars) for t in (int, float, np.number)),
+    )
+
+
 class Checkpoints:
     """A workdir's checkpoints (``read_only`` for evaluation and prediction)."""
 
@@ -83,7 +102,7 @@ class Checkpoints:
             cleanup_tmp_directories=not read_only,
         )
         handlers = {
-            "state": ocp.PyTreeCheckpointHandler(),
+            "state": ocp.PyTreeCheckpointHandler(type_handler_registry=_array_handlers()),
             "run": ocp.JsonCheckpointHandler(),
         }
         self.manager = ocp.CheckpointManager(
