@@ -70,12 +70,13 @@ def _root_cause(err: BaseException) -> str:
 
 
 def _array_handlers():
-    """Orbax's handlers for the state's leaves, with replica-parallel saving of replicated
-    arrays (each replica writes a slice, cut by a jitted slice per array shape and device)
-    only where there are several processes to share the writing. In one process it only
-    costs compilations: 128 at the first save of the tests' 8-device runs, ~5 s."""
+    """Orbax's handlers for the state's leaves, with no replica-parallel saving of
+    replicated arrays (each replica writes a slice, cut by a jitted slice per array shape
+    and device) in a single process, which writes every slice itself: there it only costs
+    compilations, 128 at the first save of the tests' 8-device runs, ~5 s. Several
+    processes keep orbax's default (on, unless ``JAX_PLATFORMS`` names a GPU)."""
     arrays = ocp.type_handlers.ArrayHandler(
-        use_replica_parallel=jax.process_count() > 1,
+        use_replica_parallel=None if jax.process_count() > 1 else False,
         array_metadata_store=array_metadata_store.Store(),  # as orbax's default handler
     )
     scalars = ocp.type_handlers.ScalarHandler()
