@@ -39,7 +39,7 @@ import platform
 import sys
 
 # mallopt(3) parameters, from glibc's malloc.h.
-_M_TRIM_THRESHOLD = -1  # free heap top above this many bytes goes back to the system; -1: never
+_M_TRIM_THRESHOLD = -1  # free heap top above this many bytes goes back to the system
 _M_MMAP_MAX = -4  # at most this many blocks served by mmap; 0: none
 
 
@@ -68,7 +68,7 @@ def keep_freed_blocks() -> bool:
     if not _glibc():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # a threshold of -1: never trim
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
