@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -70,20 +69,20 @@ def _root_cause(err: BaseException) -> str:
 
 
 def _array_handlers():
-    """Orbax's handlers for the state's leaves, with no replica-parallel saving of
-    replicated arrays (each replica writes a slice, cut by a jitted slice per array shape
-    and device) in a single process, which writes every slice itself: there it only costs
-    compilations, 128 at the first save of the tests' 8-device runs, ~5 s. Several
-    processes keep orbax's default (on, unless ``JAX_PLATFORMS`` names a GPU)."""
+    """Orbax's default handlers, but with no replica-parallel saving of replicated arrays
+    (each replica writes a slice, cut by a jitted slice per array shape and device) in a
+    single process, which writes every slice itself: there it only costs compilations,
+    128 at the first save of the tests' 8-device runs, ~5 s. Several processes keep
+    orbax's default (on, unless ``JAX_PLATFORMS`` names a GPU)."""
     arrays = ocp.type_handlers.ArrayHandler(
         use_replica_parallel=None if jax.process_count() > 1 else False,
         array_metadata_store=array_metadata_store.Store(),  # as orbax's default handler
     )
-    scalars = ocp.type_handlers.ScalarHandler()
     return ocp.type_handlers.create_type_handler_registry(
-        (jax.Array, arrays),
-        (np.ndarray, ocp.type_handlers.NumpyHandler()),
-        *((t, scalars) for t in (int, float, np.number)),
+        *(
+            (t, arrays if t is jax.Array else ocp.type_handlers.get_type_handler(t))
+            for t in ocp.type_handlers.supported_types()
+        )
     )
 
 
